@@ -1,0 +1,1 @@
+"""Fused Triton kernels for the two-path network (one file per op; reference beside each)."""

@@ -1,0 +1,1 @@
+"""Datasets: the embedded digits set, CIFAR pickles, class folders, synthetic."""
