@@ -1,0 +1,394 @@
+"""The two-path network: one set of weights, a soft path and a hard path (DESIGN.md, "The engine").
+
+:class:`TwoPathNetwork` traces the user's model, finds its channel groups (:mod:`s2hk.graph`), replaces each
+conv / linear / norm call by a two-path wrapper sharing the user's parameters (:mod:`s2hk.layers`) and owns
+the mask state: one flat buffer of width-choice logits for all prunable groups, the channels' importance
+ranks, and the *hard plan* -- each group's kept width and kept channels -- read from the device once per
+refresh. Methods (S2HPruner, CR-SFP, STP) are mask policies and loss routings on top of it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping, Optional, Sequence, Union
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+from torch import Tensor
+
+from . import masks
+from .flops import FlopsPolynomial
+from .graph import ChannelGroup, GraphAnalysis, Layout, LayerSpec, analyze
+from .layers import PathState, Selection, wrap_layer
+
+__all__ = ["TwoPathNetwork", "HardPlan"]
+
+Granularity = Union[int, Mapping[str, int], None]
+
+
+@dataclass
+class HardPlan:
+    """The hard network of one step: per prunable group its width ``k`` and kept channels.
+
+    ``selections[g]`` is ``None`` (all channels), ``k`` (the prefix ``0..k-1``) or the sorted kept channel
+    indices (int64 tensor on the model's device).
+    """
+
+    widths: list[int]
+    selections: list[Selection]
+
+
+class TwoPathNetwork(nn.Module):
+    """A model's soft and hard paths over the same weights.
+
+    Args:
+        model: the user's network (its parameters are used in place, not copied).
+        example_inputs: a tensor or tuple of tensors for one forward; sets spatial sizes for FLOPs.
+        ignore: module or node names to keep dense (their channels are frozen).
+        granularity: ``d`` for every group (int), per group name (dict; others use the default), or None:
+            the largest ``d`` giving at most ``max_choices`` widths.
+        max_choices: the bound on width choices used by the default granularity.
+        tau: softmax temperature of the width choices.
+        importance: "dynamic" (re-rank channels from filter L1 norms at every refresh) or "frozen" (rank once).
+    """
+
+    def __init__(self, model: nn.Module, example_inputs: Any, *, ignore: Iterable[str] = (),
+                 granularity: Granularity = None, max_choices: int = 32, tau: float = 1.0,
+                 importance: str = "dynamic") -> None:
+        super().__init__()
+        if importance not in ("dynamic", "frozen"):
+            raise ValueError(f"importance must be 'dynamic' or 'frozen', got {importance!r}")
+        object.__setattr__(self, "model", model)  # the user's module: referenced, not registered twice
+        self.example_inputs = example_inputs
+        self.tau = float(tau)
+        self.importance_mode = importance
+        self.analysis: GraphAnalysis = analyze(model, example_inputs, ignore)
+        self.groups: list[ChannelGroup] = self.analysis.groups
+        self.state = PathState()
+        self.graph_module, self.wrappers = self._build_two_path_module()
+        self.prunable: list[ChannelGroup] = [g for g in self.groups if g.prunable]
+        self._group_by_name = {g.name: g for g in self.groups}
+        self._slot = {g.index: i for i, g in enumerate(self.prunable)}  # group index -> prunable slot
+        self.gate_layout = masks.GateLayout(
+            tuple(g.channels for g in self.prunable),
+            tuple(self._granularity(g, granularity, max_choices) for g in self.prunable))
+        init = [masks.max_init_logits(c, d, self.tau)
+                for c, d in zip(self.gate_layout.channels, self.gate_layout.granularities)]
+        device = _device_of(model)
+        self.mask_logits = nn.Parameter(torch.cat(init).to(device) if init else torch.zeros(0, device=device))
+        self.register_buffer("ranks", torch.zeros(sum(self.gate_layout.channels), dtype=torch.long, device=device))
+        self._orders: list[Tensor] = []
+        self._ranked = False
+        self.flops_polynomial = FlopsPolynomial(self.analysis, model, example_inputs)
+        self._pinned: dict[int, Union[int, Tensor]] = {}
+        self.plan: HardPlan = self.refresh_plan()
+
+    # ------------------------------------------------------------------ construction
+    def _build_two_path_module(self) -> tuple[fx.GraphModule, dict[str, nn.Module]]:
+        source = self.analysis.graph_module
+        modules = dict(source.named_modules())
+        graph = fx.Graph()
+        value_map: dict = {}
+        out = graph.graph_copy(source.graph, value_map)
+        graph.output(out)
+        root: dict[str, Any] = {}
+        wrappers: dict[str, nn.Module] = {}
+        used_targets: set[str] = set()
+        for node in graph.nodes:
+            if node.op == "call_module":
+                target = str(node.target)
+                spec = self.analysis.layers.get(node.name)
+                if spec is None:
+                    root[target] = modules[target]
+                    continue
+                new_target = target if target not in used_targets else f"{target}__{node.name}"
+                used_targets.add(target)
+                wrapper = wrap_layer(modules[target], spec, self.state)
+                root[new_target] = wrapper
+                wrappers[node.name] = wrapper
+                node.target = new_target
+            elif node.op == "get_attr":
+                root[str(node.target)] = _fetch(source, str(node.target))
+        return fx.GraphModule(root, graph, class_name="TwoPathGraph"), wrappers
+
+    def _granularity(self, group: ChannelGroup, granularity: Granularity, max_choices: int) -> int:
+        if isinstance(granularity, int):
+            d = granularity
+        elif isinstance(granularity, Mapping) and group.name in granularity:
+            d = int(granularity[group.name])
+        else:
+            return masks.default_granularity(group.channels, max_choices)
+        if d < 1 or group.channels % d:
+            raise ValueError(f"granularity {d} does not divide the {group.channels} channels of group "
+                             f"'{group.name}'")
+        return d
+
+    # ------------------------------------------------------------------ introspection
+    def group(self, name: str) -> ChannelGroup:
+        try:
+            return self._group_by_name[name]
+        except KeyError:
+            raise KeyError(f"no channel group named '{name}'; groups: {sorted(self._group_by_name)}") from None
+
+    def weight_parameters(self) -> list[nn.Parameter]:
+        """The network's own parameters (what the weight optimiser trains), without the mask logits."""
+        seen: set[int] = set()
+        out = []
+        for p in self.graph_module.parameters():
+            if id(p) not in seen:
+                seen.add(id(p))
+                out.append(p)
+        return out
+
+    def mask_parameters(self) -> list[nn.Parameter]:
+        """The width-choice logits of all prunable groups, as one flat parameter."""
+        return [self.mask_logits]
+
+    def group_logits(self, slot: int) -> Tensor:
+        lo = self.gate_layout.logit_offsets
+        return self.mask_logits[lo[slot]:lo[slot + 1]]
+
+    def group_ranks(self, slot: int) -> Tensor:
+        co = self.gate_layout.channel_offsets
+        return self.ranks[co[slot]:co[slot + 1]]
+
+    # ------------------------------------------------------------------ masks
+    def update_ranks(self) -> None:
+        """Rank every prunable group's channels by importance (group-mean filter L1 norm, descending)."""
+        with torch.no_grad():
+            importance = [torch.zeros(g.channels, device=self.ranks.device) for g in self.prunable]
+            counts = [0] * len(self.prunable)
+            for spec in self.analysis.layers.values():
+                if spec.kind == "norm":
+                    continue
+                weight = self.wrappers[spec.node].module.weight
+                norms = weight.detach().abs().flatten(1).sum(1).float()
+                offset = 0
+                for seg in spec.out_layout:
+                    slot = self._slot.get(seg.group)
+                    if slot is not None:
+                        importance[slot] += norms[offset:offset + seg.size]
+                        counts[slot] += 1
+                    offset += seg.size
+            orders = []
+            co = self.gate_layout.channel_offsets
+            for slot, (imp, n) in enumerate(zip(importance, counts)):
+                order, ranks = masks.ranks_from_importance(imp / max(n, 1))
+                self.ranks[co[slot]:co[slot + 1]] = ranks
+                orders.append(order)
+            self._orders = orders
+            self._ranked = True
+
+    def gates(self) -> tuple[Tensor, Tensor]:
+        """Soft keep-probabilities of all prunable channels ``(sum C,)`` and straight-through hard widths of
+        all groups ``(G,)`` (float64; frozen groups at full width), differentiable in the mask logits."""
+        keep, hard, _ = masks.compute_gates(self.mask_logits, self.ranks, self.gate_layout, self.tau)
+        widths = torch.tensor([float(g.channels) for g in self.groups], dtype=torch.float64,
+                              device=self.mask_logits.device)
+        if self.prunable:
+            slots = torch.tensor([g.index for g in self.prunable], device=widths.device)
+            pinned = [self._slot[gi] for gi in self._pinned]
+            if pinned:  # a pinned architecture has constant widths: no gradient reaches the logits
+                hard = hard.clone()
+                for slot, gi in zip(pinned, self._pinned):
+                    hard[slot] = float(self.plan.widths[slot])
+            widths = widths.index_put((slots,), hard)
+        return keep, widths
+
+    def refresh_plan(self) -> HardPlan:
+        """Recompute the hard network from the current logits (and importance): one host read for all groups."""
+        if self.importance_mode == "dynamic" or not self._ranked:
+            self.update_ranks()
+        with torch.no_grad():
+            _, hard, _ = masks.compute_gates(self.mask_logits.detach(), self.ranks, self.gate_layout, self.tau)
+            hard = hard.clone()
+            pinned_sets: dict[int, Tensor] = {}
+            for gi, pin in self._pinned.items():
+                slot = self._slot[gi]
+                if isinstance(pin, int):
+                    hard[slot] = pin
+                else:
+                    hard[slot] = pin.numel()
+                    pinned_sets[slot] = pin
+            flags = []
+            for slot in range(len(self.prunable)):
+                ranks = self.group_ranks(slot)
+                positions = torch.arange(ranks.numel(), device=ranks.device)
+                kept_in_prefix = ((ranks < hard[slot]) & (positions < hard[slot])).sum()
+                flags.append(kept_in_prefix.to(torch.float64))
+            host = torch.cat([hard.detach(), torch.stack(flags)]).tolist() if flags else []
+        n = len(self.prunable)
+        widths = [int(round(v)) for v in host[:n]]
+        selections: list[Selection] = []
+        for slot, (group, k) in enumerate(zip(self.prunable, widths)):
+            if slot in pinned_sets:
+                sel: Selection = pinned_sets[slot]
+                if torch.equal(sel.cpu(), torch.arange(k)):
+                    sel = k
+            elif k >= group.channels:
+                sel = None
+            elif int(round(host[n + slot])) == k:
+                sel = k
+            else:
+                sel = self._orders[slot][:k].sort().values
+            selections.append(None if isinstance(sel, int) and sel >= group.channels else sel)
+        self.plan = HardPlan(widths, selections)
+        return self.plan
+
+    # ------------------------------------------------------------------ pinning
+    def hard_widths(self) -> dict[str, int]:
+        """Current hard width of every prunable group, by group name."""
+        return {g.name: k for g, k in zip(self.prunable, self.plan.widths)}
+
+    def set_hard_widths(self, widths: Optional[Mapping[str, Union[int, Sequence[int]]]]) -> None:
+        """Pin the hard architecture: per group name a width (the most important channels are kept) or an
+        explicit list of channel indices. ``None`` unpins every group (widths follow the logits again)."""
+        if widths is None:
+            self._pinned = {}
+            self.refresh_plan()
+            return
+        pinned: dict[int, Union[int, Tensor]] = dict(self._pinned)
+        for name, value in widths.items():
+            group = self.group(name)
+            if not group.prunable:
+                raise ValueError(f"group '{name}' is frozen ({'; '.join(group.frozen_reasons)}) and cannot be "
+                                 "given a width")
+            if isinstance(value, int):
+                if not 1 <= value <= group.channels:
+                    raise ValueError(f"width {value} for group '{name}' is outside 1..{group.channels}")
+                pinned[group.index] = value
+            else:
+                idx = torch.as_tensor(list(value), dtype=torch.long)
+                if idx.numel() == 0 or idx.unique().numel() != idx.numel() or idx.min() < 0 \
+                        or idx.max() >= group.channels:
+                    raise ValueError(f"channels for group '{name}' must be distinct indices in "
+                                     f"0..{group.channels - 1}, got {list(value)}")
+                pinned[group.index] = idx.sort().values.to(self.ranks.device)
+        self._pinned = pinned
+        self.refresh_plan()
+
+    # ------------------------------------------------------------------ forward
+    def _layout_gate(self, layout: Layout, keep: Tensor) -> Tensor:
+        co = self.gate_layout.channel_offsets
+        parts = []
+        for seg in layout:
+            slot = self._slot.get(seg.group)
+            if slot is None:
+                parts.append(torch.ones(seg.size, dtype=keep.dtype, device=keep.device))
+            else:
+                parts.append(keep[co[slot]:co[slot + 1]])
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def _group_selection(self, group: int) -> Selection:
+        slot = self._slot.get(group)
+        return None if slot is None else self.plan.selections[slot]
+
+    def _layout_selection(self, layout: Layout) -> Selection:
+        sels = [self._group_selection(seg.group) for seg in layout]
+        if all(s is None for s in sels):
+            return None
+        if len(layout) == 1:
+            seg, sel = layout[0], sels[0]
+            if seg.repeat == 1 or isinstance(sel, int):
+                return sel * seg.repeat if isinstance(sel, int) else sel
+        device = self.ranks.device
+        parts, offset = [], 0
+        for seg, sel in zip(layout, sels):
+            if sel is None:
+                idx = torch.arange(seg.size, device=device)
+            elif isinstance(sel, int):
+                idx = torch.arange(sel, device=device)
+            else:
+                idx = sel
+            if seg.repeat > 1:
+                idx = (idx[:, None] * seg.repeat + torch.arange(seg.repeat, device=device)).flatten()
+            parts.append(idx + offset)
+            offset += seg.size * seg.repeat
+        return torch.cat(parts)
+
+    def prepare_soft(self, keep: Tensor) -> None:
+        """Fill the path state with the soft gates of every gated layout."""
+        gates = {}
+        for spec in self.analysis.layers.values():
+            if spec.gate and spec.out_layout not in gates:
+                gates[spec.out_layout] = self._layout_gate(spec.out_layout, keep)
+        self.state.gates = gates
+
+    def prepare_hard(self) -> None:
+        """Fill the path state with the hard plan's channel selections of every layout."""
+        selections = {}
+        for spec in self.analysis.layers.values():
+            for layout in (spec.in_layout, spec.out_layout):
+                if layout not in selections:
+                    selections[layout] = self._layout_selection(layout)
+        self.state.selections = selections
+
+    def run(self, path: str, *inputs: Any) -> Any:
+        """Run the traced network on the path whose state was prepared."""
+        self.state.path = path
+        try:
+            return self.graph_module(*inputs)
+        finally:
+            self.state.path = "dense"
+
+    def forward(self, *inputs: Any, path: str = "hard") -> Any:
+        """Logits of the ``"soft"``, ``"hard"`` or ``"dense"`` path for ``inputs``."""
+        if path == "soft":
+            keep, _ = self.gates()
+            self.prepare_soft(keep)
+        elif path == "hard":
+            self.prepare_hard()
+        elif path != "dense":
+            raise ValueError(f"path must be 'soft', 'hard' or 'dense', got {path!r}")
+        return self.run(path, *inputs)
+
+    # ------------------------------------------------------------------ FLOPs
+    def all_widths(self) -> list[int]:
+        """Hard width of every group (frozen ones at full width), indexed like :attr:`groups`."""
+        widths = [g.channels for g in self.groups]
+        for g, k in zip(self.prunable, self.plan.widths):
+            widths[g.index] = k
+        return widths
+
+    def flops(self, kind: str = "hard") -> int:
+        """FLOPs (2 x MACs) of the ``"full"`` (dense) network, or of the ``"hard"`` network at the current
+        widths; ``"soft"`` is the regulariser's differentiable count, which by construction equals the hard
+        network's (ALGORITHMS.md §1)."""
+        if kind == "full":
+            return self.flops_polynomial.dense_flops
+        if kind == "hard":
+            return self.flops_polynomial.flops_at(self.all_widths())
+        if kind == "soft":
+            with torch.no_grad():
+                _, widths = self.gates()
+                return int(round(float(self.flops_polynomial(widths))))
+        raise ValueError(f"kind must be 'full', 'soft' or 'hard', got {kind!r}")
+
+    # ------------------------------------------------------------------ export
+    def export(self) -> fx.GraphModule:
+        """The hard network as a plain PyTorch module (a ``torch.fx.GraphModule`` of standard layers with the
+        kept channels only, hard-path BN statistics), in eval mode; see :mod:`s2hk.export`."""
+        from .export import export_hard_network
+
+        return export_hard_network(self)
+
+    def named_layer_selections(self) -> dict[str, tuple[Selection, Selection, LayerSpec]]:
+        """For every wrapped layer call: (input selection, output selection, spec), by node name."""
+        self.prepare_hard()
+        sel = self.state.selections
+        return {name: (sel[spec.in_layout], sel[spec.out_layout], spec)
+                for name, spec in self.analysis.layers.items()}
+
+
+def _fetch(module: nn.Module, target: str) -> Any:
+    obj: Any = module
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+

@@ -1,0 +1,233 @@
+"""Export of the hard network as a plain, physically smaller PyTorch model, and its save/load.
+
+The exported model is a ``torch.fx.GraphModule`` over standard ``torch.nn`` layers (no s2hk type inside it):
+the traced graph of the user's model with every conv / linear / norm replaced by a narrow copy holding only
+the kept channels (and the hard path's BatchNorm statistics). Its module names are the user's, so its
+``state_dict`` keys are the dense model's keys.
+
+Saving writes ``model.pt`` (a plain ``state_dict``, loadable with ``weights_only=True``) and
+``architecture.json`` (each layer's kept shape and kept channel indices, the model's registry name when it is
+one of :mod:`s2hk.models`, and the FLOPs). Loading rebuilds the dense model, traces it and narrows its
+layers from the JSON -- no class is ever unpickled.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+from torch import Tensor
+
+from .flops import count_flops, count_macs
+from .graph import trace
+from .layers import GatedNorm, Selection, select
+
+if TYPE_CHECKING:
+    from .engine import TwoPathNetwork
+
+__all__ = ["export_hard_network", "architecture", "save_pruned", "load_pruned", "ARCHITECTURE_FORMAT"]
+
+ARCHITECTURE_FORMAT = "s2hk-architecture"
+ARCHITECTURE_VERSION = 1
+
+
+def _indices(sel: Selection, full: int) -> list[int]:
+    if sel is None:
+        return list(range(full))
+    if isinstance(sel, int):
+        return list(range(sel))
+    return [int(i) for i in sel.tolist()]
+
+
+def _narrow_module(module: nn.Module, in_idx: list[int], out_idx: list[int], depthwise: bool) -> nn.Module:
+    """An empty standard layer of the narrowed shape (same type and hyper-parameters)."""
+    k_in, k_out = len(in_idx), len(out_idx)
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        groups = k_out if depthwise else module.groups
+        return type(module)(k_out if depthwise else k_in, k_out, module.kernel_size, module.stride, module.padding,
+                            module.dilation, groups, module.bias is not None, module.padding_mode,
+                            device=module.weight.device, dtype=module.weight.dtype)
+    if isinstance(module, nn.Linear):
+        return nn.Linear(k_in, k_out, module.bias is not None, device=module.weight.device,
+                         dtype=module.weight.dtype)
+    if isinstance(module, nn.LayerNorm):
+        ref = module.weight if module.weight is not None else None
+        kwargs = {"device": ref.device, "dtype": ref.dtype} if ref is not None else {}
+        return nn.LayerNorm(k_out, module.eps, module.elementwise_affine, bias=module.bias is not None, **kwargs)
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        ref = module.weight if module.weight is not None else module.running_mean
+        kwargs = {"device": ref.device, "dtype": ref.dtype} if ref is not None else {}
+        return type(module)(k_out, module.eps, module.momentum, module.affine, module.track_running_stats, **kwargs)
+    raise TypeError(f"cannot narrow a {type(module).__name__}")
+
+
+def _fill_narrowed(new: nn.Module, old: nn.Module, wrapper: Optional[nn.Module], sel_in: Selection,
+                   sel_out: Selection, depthwise: bool) -> None:
+    """Copy the kept weights (and hard-path statistics) of ``old`` into the narrow ``new``."""
+    with torch.no_grad():
+        if isinstance(old, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
+            weight = select(old.weight, 0, sel_out)
+            if not depthwise and getattr(old, "groups", 1) == 1:
+                weight = select(weight, 1, sel_in)
+            new.weight.copy_(weight)
+            if old.bias is not None:
+                new.bias.copy_(select(old.bias, 0, sel_out))
+            return
+        if getattr(old, "weight", None) is not None:
+            new.weight.copy_(select(old.weight, 0, sel_out))
+        if getattr(old, "bias", None) is not None:
+            new.bias.copy_(select(old.bias, 0, sel_out))
+        if isinstance(old, nn.modules.batchnorm._BatchNorm) and old.running_mean is not None:
+            source = wrapper if isinstance(wrapper, GatedNorm) and wrapper.hard_running_mean is not None else None
+            mean = source.hard_running_mean if source is not None else old.running_mean
+            var = source.hard_running_var if source is not None else old.running_var
+            tracked = source.hard_num_batches_tracked if source is not None else old.num_batches_tracked
+            new.running_mean.copy_(select(mean, 0, sel_out))
+            new.running_var.copy_(select(var, 0, sel_out))
+            new.num_batches_tracked.copy_(tracked)
+
+
+def export_hard_network(net: "TwoPathNetwork") -> fx.GraphModule:
+    """Build the hard network of ``net``'s current plan as a plain GraphModule (eval mode)."""
+    source = net.analysis.graph_module
+    modules = dict(source.named_modules())
+    selections = net.named_layer_selections()
+    root: dict[str, Any] = {}
+    shapes: dict[str, tuple] = {}
+    for node in source.graph.nodes:
+        if node.op == "get_attr":
+            value = _fetch(source, str(node.target))
+            root[str(node.target)] = value.detach().clone() if isinstance(value, Tensor) else value
+        if node.op != "call_module":
+            continue
+        target = str(node.target)
+        old = modules[target]
+        if node.name not in selections:
+            root.setdefault(target, _copy_module(old))
+            continue
+        sel_in, sel_out, spec = selections[node.name]
+        in_w = getattr(old, "in_channels", getattr(old, "in_features", None))
+        out_w = getattr(old, "out_channels", getattr(old, "out_features", None))
+        if out_w is None:  # norms
+            out_w = old.num_features if hasattr(old, "num_features") else old.normalized_shape[0]
+            in_w = out_w
+        in_idx, out_idx = _indices(sel_in, in_w), _indices(sel_out, out_w)
+        shape = (tuple(in_idx), tuple(out_idx))
+        if target in shapes:
+            if shapes[target] != shape:
+                raise RuntimeError(f"layer '{target}' is called at several places with different kept channels; "
+                                   "it cannot be exported as one narrow layer")
+            continue
+        shapes[target] = shape
+        new = _narrow_module(old, in_idx, out_idx, spec.depthwise)
+        _fill_narrowed(new, old, net.wrappers[node.name], sel_in, sel_out, spec.depthwise)
+        root[target] = new
+    graph = fx.Graph()
+    graph.output(graph.graph_copy(source.graph, {}))
+    exported = fx.GraphModule(root, graph, class_name="PrunedModel")
+    return exported.eval()
+
+
+def _copy_module(module: nn.Module) -> nn.Module:
+    import copy
+
+    return copy.deepcopy(module)
+
+
+def _fetch(module: nn.Module, target: str) -> Any:
+    obj: Any = module
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def architecture(net: "TwoPathNetwork", model_name: Optional[str] = None,
+                 model_kwargs: Optional[dict] = None) -> dict:
+    """The JSON-serialisable description of ``net``'s hard network (schema ``s2hk-architecture`` v1)."""
+    layers: dict[str, dict] = {}
+    modules = dict(net.analysis.graph_module.named_modules())
+    for node_name, (sel_in, sel_out, spec) in net.named_layer_selections().items():
+        old = modules[spec.target]
+        if spec.target in layers:
+            continue
+        if spec.kind == "norm":
+            dense = old.num_features if hasattr(old, "num_features") else old.normalized_shape[0]
+            dense_in = dense_out = dense
+        else:
+            dense_in = getattr(old, "in_channels", getattr(old, "in_features", 0))
+            dense_out = getattr(old, "out_channels", getattr(old, "out_features", 0))
+        in_idx, out_idx = _indices(sel_in, dense_in), _indices(sel_out, dense_out)
+        layers[spec.target] = {
+            "type": type(old).__name__, "kind": spec.kind, "depthwise": spec.depthwise,
+            "in_channels": len(in_idx), "out_channels": len(out_idx),
+            "dense_in_channels": dense_in, "dense_out_channels": dense_out,
+            "kept_in_channels": in_idx, "kept_out_channels": out_idx,
+        }
+    inputs = net.example_inputs if isinstance(net.example_inputs, (tuple, list)) else (net.example_inputs,)
+    return {
+        "format": ARCHITECTURE_FORMAT, "version": ARCHITECTURE_VERSION,
+        "model": {"name": model_name, "kwargs": model_kwargs or {}},
+        "example_input_shapes": [list(t.shape) for t in inputs],
+        "flops": {"dense": net.flops("full"), "pruned": net.flops("hard"),
+                  "convention": "FLOPs = 2 x MACs of every conv, linear and matmul, for example_input_shapes"},
+        "groups": {g.name: {"channels": g.channels, "kept": w} for g, w in zip(net.prunable, net.plan.widths)},
+        "layers": layers,
+    }
+
+
+def save_pruned(net: "TwoPathNetwork", folder: str | Path, model_name: Optional[str] = None,
+                model_kwargs: Optional[dict] = None) -> Path:
+    """Write ``folder/model.pt`` (state_dict of the exported model) and ``folder/architecture.json``."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    exported = net.export()
+    torch.save(exported.state_dict(), folder / "model.pt")
+    arch = architecture(net, model_name, model_kwargs)
+    (folder / "architecture.json").write_text(json.dumps(arch, indent=1))
+    return folder
+
+
+def load_pruned(folder: str | Path, model: Optional[nn.Module] = None) -> fx.GraphModule:
+    """Rebuild a saved pruned model: the dense ``model`` (or the registry model named in the JSON) is traced
+    and its layers narrowed to the saved shapes, then the saved weights are loaded strictly."""
+    folder = Path(folder)
+    arch_path, weights_path = folder / "architecture.json", folder / "model.pt"
+    for path in (arch_path, weights_path):
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: missing; expected a folder written by s2hk.save_pruned")
+    try:
+        arch = json.loads(arch_path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{arch_path}: not valid JSON ({err})") from err
+    if arch.get("format") != ARCHITECTURE_FORMAT or arch.get("version") != ARCHITECTURE_VERSION:
+        raise ValueError(f"{arch_path}: not an {ARCHITECTURE_FORMAT} v{ARCHITECTURE_VERSION} file")
+    if model is None:
+        name = (arch.get("model") or {}).get("name")
+        if not name:
+            raise ValueError(f"{arch_path}: names no shipped model; pass the dense model: load_pruned(folder, model=...)")
+        from .models import get_model
+
+        model = get_model(name, **arch["model"].get("kwargs", {}))
+    gm = trace(model)
+    modules = dict(gm.named_modules())
+    root: dict[str, Any] = {}
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            root[str(node.target)] = _fetch(gm, str(node.target))
+        elif node.op == "call_module":
+            target = str(node.target)
+            entry = arch["layers"].get(target)
+            old = modules[target]
+            root[target] = old if entry is None else _narrow_module(
+                old, entry["kept_in_channels"], entry["kept_out_channels"], entry["depthwise"])
+    graph = fx.Graph()
+    graph.output(graph.graph_copy(gm.graph, {}))
+    pruned = fx.GraphModule(root, graph, class_name="PrunedModel")
+    state = torch.load(weights_path, map_location="cpu", weights_only=True)
+    pruned.load_state_dict(state, strict=True)
+    return pruned.eval()
+
+

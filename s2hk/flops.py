@@ -1,0 +1,209 @@
+"""Exact FLOPs accounting (ALGORITHMS.md §4).
+
+Convention: **FLOPs = 2 x MACs**, counting the multiply-accumulates of every convolution, linear layer and
+matrix product (attention's ``QK^T`` and ``AV`` included, as matmuls or ``scaled_dot_product_attention``),
+the stem and the classifier included; bias adds, norms, activations and pooling are not counted. Counts are
+for the ``example_inputs`` as given, batch included: pass a batch of one for per-image FLOPs. This agrees with
+``torch.utils.flop_counter`` on conv/linear/matmul models.
+
+Two views of the same count:
+- :func:`count_macs` / :func:`count_flops` run a module once and add up what its torch calls really compute;
+- :class:`FlopsPolynomial` gives the count as a function of the channel groups' widths (a sum of
+  ``macs_per_channel_pair * out_width * in_width`` terms), differentiable in the widths: the FLOPs regulariser
+  uses it, and at the hard widths it equals :func:`count_flops` of the exported narrow model.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+from torch.overrides import TorchFunctionMode
+
+from .graph import GraphAnalysis, Layout
+
+__all__ = ["count_macs", "count_flops", "FlopsPolynomial"]
+
+
+def _prod(values: Sequence[int]) -> int:
+    out = 1
+    for v in values:
+        out *= int(v)
+    return out
+
+
+def _matmul_macs(a: Tensor, b: Tensor, out: Tensor) -> int:
+    inner = a.shape[-1] if a.dim() >= 1 else 1
+    return out.numel() * int(inner) if out.dim() > 0 else int(inner)
+
+
+def _conv_macs(args: tuple, kwargs: dict, out: Tensor) -> int:
+    weight = args[1] if len(args) > 1 else kwargs["weight"]
+    return out.numel() * _prod(weight.shape[1:])
+
+
+def _conv_transpose_macs(args: tuple, kwargs: dict, out: Tensor) -> int:
+    inp = args[0] if args else kwargs["input"]
+    weight = args[1] if len(args) > 1 else kwargs["weight"]
+    return inp.numel() * _prod(weight.shape[1:])
+
+
+def _linear_macs(args: tuple, kwargs: dict, out: Tensor) -> int:
+    weight = args[1] if len(args) > 1 else kwargs["weight"]
+    return out.numel() * int(weight.shape[1])
+
+
+def _mm_macs(args: tuple, kwargs: dict, out: Tensor) -> int:
+    return _matmul_macs(args[0], args[1], out)
+
+
+def _addmm_macs(args: tuple, kwargs: dict, out: Tensor) -> int:  # addmm(bias, a, b) and friends
+    return _matmul_macs(args[1], args[2], out)
+
+
+def _sdpa_macs(args: tuple, kwargs: dict, out: Tensor) -> int:
+    q, k, v = (args + (None,) * 3)[:3]
+    q = q if q is not None else kwargs["query"]
+    k = k if k is not None else kwargs["key"]
+    v = v if v is not None else kwargs["value"]
+    batch = _prod(q.shape[:-2])
+    return batch * q.shape[-2] * k.shape[-2] * (q.shape[-1] + v.shape[-1])
+
+
+_MAC_RULES = {
+    F.conv1d: _conv_macs, F.conv2d: _conv_macs, F.conv3d: _conv_macs,
+    F.conv_transpose1d: _conv_transpose_macs, F.conv_transpose2d: _conv_transpose_macs,
+    F.conv_transpose3d: _conv_transpose_macs,
+    F.linear: _linear_macs,
+    torch.matmul: _mm_macs, Tensor.__matmul__: _mm_macs, Tensor.matmul: _mm_macs,
+    torch.mm: _mm_macs, Tensor.mm: _mm_macs, torch.bmm: _mm_macs, Tensor.bmm: _mm_macs,
+    torch.addmm: _addmm_macs, torch.baddbmm: _addmm_macs, torch.addbmm: _addmm_macs,
+    F.scaled_dot_product_attention: _sdpa_macs,
+}
+
+
+class _MacCounter(TorchFunctionMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.macs = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        rule = _MAC_RULES.get(func)
+        if rule is not None and isinstance(out, Tensor):
+            self.macs += rule(args, kwargs, out)
+        elif func is Tensor.__rmatmul__ and isinstance(out, Tensor):
+            self.macs += _matmul_macs(args[1], args[0], out)
+        return out
+
+
+def count_macs(module: nn.Module, example_inputs: Any) -> int:
+    """Multiply-accumulates of one forward of ``module`` on ``example_inputs`` (eval mode, no grad)."""
+    inputs = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    modes = {m: m.training for m in module.modules()}
+    counter = _MacCounter()
+    try:
+        module.eval()
+        with torch.no_grad(), counter:
+            module(*inputs)
+    finally:
+        for m, flag in modes.items():
+            m.train(flag)
+    return counter.macs
+
+
+def count_flops(module: nn.Module, example_inputs: Any) -> int:
+    """FLOPs (= 2 x MACs) of one forward of ``module`` on ``example_inputs``; see the module docstring."""
+    return 2 * count_macs(module, example_inputs)
+
+
+@dataclass
+class _Term:
+    layer: str
+    macs_per_pair: int       # MACs per (output channel, input channel per group) pair
+    out_layout: Layout
+    in_layout: Layout | None  # None: one input channel per output channel (depthwise)
+    in_per_group_divisor: int = 1
+
+
+class FlopsPolynomial:
+    """The model's FLOPs as a polynomial in the widths of its channel groups.
+
+    ``flops(k) = 2 * (constant + sum_t a_t * out_t(k) * in_t(k))`` where ``out_t`` / ``in_t`` are the widths
+    of a layer's output / input channels (linear in the group widths ``k``) and ``a_t`` its MACs per channel
+    pair (batch x output positions x kernel size). ``constant`` covers layers that never change width.
+    """
+
+    def __init__(self, analysis: GraphAnalysis, model: nn.Module, example_inputs: Any) -> None:
+        self.num_groups = len(analysis.groups)
+        self.full_widths = [g.channels for g in analysis.groups]
+        modules = dict(analysis.graph_module.named_modules())
+        self.terms: list[_Term] = []
+        for spec in analysis.layers.values():
+            if spec.kind == "norm":
+                continue
+            module = modules[spec.target]
+            out_shape = analysis.node_shapes[spec.node]
+            if spec.kind == "conv":
+                a = _prod(out_shape[:1]) * _prod(out_shape[2:]) * _prod(module.kernel_size)
+                if spec.depthwise:
+                    self.terms.append(_Term(spec.target, a, spec.out_layout, None))
+                else:
+                    self.terms.append(_Term(spec.target, a, spec.out_layout, spec.in_layout, module.groups))
+            else:
+                self.terms.append(_Term(spec.target, _prod(out_shape[:-1]), spec.out_layout, spec.in_layout))
+        self.dense_macs = count_macs(model, example_inputs)
+        self.constant_macs = self.dense_macs - self.macs_at(self.full_widths)
+        if self.constant_macs < 0:
+            raise RuntimeError("FLOPs accounting is inconsistent: the per-layer terms exceed the model's count")
+        self._out_matrix, self._in_matrix, self._in_const, self._coef = self._matrices()
+
+    def _matrices(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        t, g = len(self.terms), self.num_groups
+        out_m = torch.zeros(t, g, dtype=torch.float64)
+        in_m = torch.zeros(t, g, dtype=torch.float64)
+        in_c = torch.zeros(t, dtype=torch.float64)
+        coef = torch.zeros(t, dtype=torch.float64)
+        for i, term in enumerate(self.terms):
+            coef[i] = term.macs_per_pair / term.in_per_group_divisor
+            for seg in term.out_layout:
+                out_m[i, seg.group] += seg.repeat
+            if term.in_layout is None:
+                in_c[i] = 1.0
+            else:
+                for seg in term.in_layout:
+                    in_m[i, seg.group] += seg.repeat
+        return out_m, in_m, in_c, coef
+
+    @staticmethod
+    def _width(layout: Layout, widths: Sequence[int]) -> int:
+        return sum(seg.repeat * widths[seg.group] for seg in layout)
+
+    def macs_at(self, widths: Sequence[int]) -> int:
+        """Exact integer MACs of the layers in the terms at integer group widths (all groups)."""
+        total = 0
+        for term in self.terms:
+            out_w = self._width(term.out_layout, widths)
+            in_w = 1 if term.in_layout is None else self._width(term.in_layout, widths) // term.in_per_group_divisor
+            total += term.macs_per_pair * out_w * in_w
+        return total
+
+    def flops_at(self, widths: Sequence[int]) -> int:
+        """Exact FLOPs of the whole network when every group has the given integer width."""
+        return 2 * (self.constant_macs + self.macs_at(widths))
+
+    @property
+    def dense_flops(self) -> int:
+        return 2 * self.dense_macs
+
+    def __call__(self, widths: Tensor) -> Tensor:
+        """Differentiable FLOPs for a float64 vector of all groups' widths ``(G,)``; returns a 0-dim tensor."""
+        out_m, in_m, in_c, coef = (m.to(widths.device) for m in
+                                   (self._out_matrix, self._in_matrix, self._in_const, self._coef))
+        out_w = out_m @ widths
+        in_w = in_m @ widths + in_c
+        return 2.0 * (self.constant_macs + (coef * out_w * in_w).sum())

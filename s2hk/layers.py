@@ -1,0 +1,191 @@
+"""Two-path wrappers around a model's own conv, linear and norm layers.
+
+Each wrapper holds the user's layer (parameters shared, nothing copied) and reads the current path from a
+shared :class:`PathState` that the engine fills before a forward:
+
+- ``"dense"``: the layer as it is;
+- ``"soft"``: the full layer, its output scaled per channel by the keep-probabilities ``w`` (folded into the
+  norm's affine parameters where the layer is a norm: ``BN(x) * w = xhat * (gamma w) + beta w``, exact);
+- ``"hard"``: only the kept channels: weights sliced to ``[kept_out, kept_in]`` -- a view when the kept set is
+  a prefix, a gather of the small weight tensor otherwise. Norms keep separate running statistics for the
+  hard path, because the narrow network's activations differ from the full one's.
+
+A channel selection is ``None`` (all channels), an ``int`` k (the prefix ``0..k-1``) or an int64 index tensor.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from .graph import LayerSpec
+
+Selection = Optional[Union[int, Tensor]]
+
+__all__ = ["PathState", "GatedConv", "GatedLinear", "GatedNorm", "select", "wrap_layer"]
+
+
+@dataclass
+class PathState:
+    """What every wrapper needs for one forward: the path, soft gates and hard channel selections by layout."""
+
+    path: str = "dense"
+    gates: dict = field(default_factory=dict)        # layout -> (C,) keep-probabilities
+    selections: dict = field(default_factory=dict)   # layout -> Selection
+
+
+def select(t: Optional[Tensor], dim: int, sel: Selection) -> Optional[Tensor]:
+    """Channels ``sel`` of ``t`` along ``dim`` (a view for prefixes)."""
+    if t is None or sel is None:
+        return t
+    if isinstance(sel, int):
+        return t.narrow(dim, 0, sel)
+    return t.index_select(dim, sel)
+
+
+def _count(sel: Selection, full: int) -> int:
+    if sel is None:
+        return full
+    return sel if isinstance(sel, int) else sel.numel()
+
+
+def _gate_shape(ndim: int, axis: int) -> list[int]:
+    shape = [1] * ndim
+    shape[axis] = -1
+    return shape
+
+
+class _Wrapper(nn.Module):
+    def __init__(self, module: nn.Module, spec: LayerSpec, state: PathState) -> None:
+        super().__init__()
+        self.module = module
+        self.spec = spec
+        # the state is shared by every wrapper and must not be registered as a submodule or buffer
+        object.__setattr__(self, "state", state)
+
+    def extra_repr(self) -> str:
+        return f"gate={self.spec.gate}"
+
+
+class GatedConv(_Wrapper):
+    """A ``nn.ConvNd`` on both paths; depthwise convs keep one group per kept channel."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        path = self.state.path
+        conv = self.module
+        if path != "hard":
+            y = conv(x)
+        else:
+            sel_out = self.state.selections[self.spec.out_layout]
+            weight = select(conv.weight, 0, sel_out)
+            groups = conv.groups
+            if self.spec.depthwise:
+                groups = _count(sel_out, conv.out_channels)
+            elif groups == 1:
+                weight = select(weight, 1, self.state.selections[self.spec.in_layout])
+            y = _conv(conv, x, weight, select(conv.bias, 0, sel_out), groups)
+        if path == "soft" and self.spec.gate:
+            y = y * self.state.gates[self.spec.out_layout].view(_gate_shape(y.dim(), 1))
+        return y
+
+
+def _conv(conv: nn.Module, x: Tensor, weight: Tensor, bias: Optional[Tensor], groups: int) -> Tensor:
+    fn = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}[weight.dim()]
+    padding = conv.padding
+    if conv.padding_mode != "zeros":
+        x = F.pad(x, conv._reversed_padding_repeated_twice, mode=conv.padding_mode)
+        padding = 0
+    return fn(x, weight, bias, conv.stride, padding, conv.dilation, groups)
+
+
+class GatedLinear(_Wrapper):
+    """A ``nn.Linear`` on both paths (channels on the last dimension)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        path = self.state.path
+        lin = self.module
+        if path != "hard":
+            y = lin(x)
+        else:
+            sel_out = self.state.selections[self.spec.out_layout]
+            weight = select(select(lin.weight, 0, sel_out), 1, self.state.selections[self.spec.in_layout])
+            y = F.linear(x, weight, select(lin.bias, 0, sel_out))
+        if path == "soft" and self.spec.gate:
+            y = y * self.state.gates[self.spec.out_layout]
+        return y
+
+
+class GatedNorm(_Wrapper):
+    """A BatchNorm or (channel-wise) LayerNorm on both paths, with hard-path running statistics."""
+
+    def __init__(self, module: nn.Module, spec: LayerSpec, state: PathState) -> None:
+        super().__init__(module, spec, state)
+        self.is_layer_norm = isinstance(module, nn.LayerNorm)
+        self.channel_axis = -1 if self.is_layer_norm else 1
+        tracked = getattr(module, "running_mean", None) is not None
+        if tracked:
+            self.register_buffer("hard_running_mean", module.running_mean.detach().clone())
+            self.register_buffer("hard_running_var", module.running_var.detach().clone())
+            self.register_buffer("hard_num_batches_tracked", module.num_batches_tracked.detach().clone())
+        else:
+            self.hard_running_mean = self.hard_running_var = self.hard_num_batches_tracked = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        path = self.state.path
+        if path == "dense" or (path == "soft" and not self.spec.gate):
+            return self.module(x)
+        if path == "soft":
+            return self._soft(x, self.state.gates[self.spec.out_layout])
+        return self._hard(x, self.state.selections[self.spec.out_layout])
+
+    def _soft(self, x: Tensor, gate: Tensor) -> Tensor:
+        m = self.module
+        if m.weight is None:  # no affine parameters to fold the gate into
+            y = self.module(x)
+            return y * gate.view(_gate_shape(y.dim(), self.channel_axis))
+        weight, bias = m.weight * gate, m.bias * gate
+        if self.is_layer_norm:
+            return F.layer_norm(x, m.normalized_shape, weight, bias, m.eps)
+        return _batch_norm(m, x, m.running_mean, m.running_var, m.num_batches_tracked, weight, bias)
+
+    def _hard(self, x: Tensor, sel: Selection) -> Tensor:
+        m = self.module
+        weight, bias = select(m.weight, 0, sel), select(m.bias, 0, sel)
+        if self.is_layer_norm:
+            return F.layer_norm(x, (x.shape[-1],), weight, bias, m.eps)
+        if self.hard_running_mean is None:
+            return _batch_norm(m, x, None, None, None, weight, bias)
+        mean, var = select(self.hard_running_mean, 0, sel), select(self.hard_running_var, 0, sel)
+        y = _batch_norm(m, x, mean, var, self.hard_num_batches_tracked, weight, bias)
+        if isinstance(sel, Tensor) and m.training:
+            # a gathered copy was updated: write the kept channels' statistics back
+            with torch.no_grad():
+                self.hard_running_mean.index_copy_(0, sel, mean)
+                self.hard_running_var.index_copy_(0, sel, var)
+        return y
+
+
+def _batch_norm(m: nn.Module, x: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                num_batches_tracked: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor]) -> Tensor:
+    """``nn.BatchNorm``'s forward with explicit statistics and affine parameters (same momentum rules)."""
+    momentum = 0.0 if m.momentum is None else m.momentum
+    if m.training and m.track_running_stats and num_batches_tracked is not None:
+        num_batches_tracked.add_(1)
+        momentum = 1.0 / float(num_batches_tracked) if m.momentum is None else m.momentum
+    use_batch_stats = m.training or running_mean is None
+    return F.batch_norm(x, running_mean if not m.training or m.track_running_stats else None,
+                        running_var if not m.training or m.track_running_stats else None,
+                        weight, bias, use_batch_stats, momentum, m.eps)
+
+
+def wrap_layer(module: nn.Module, spec: LayerSpec, state: PathState) -> nn.Module:
+    """The wrapper for one analysed layer call."""
+    if spec.kind == "conv":
+        return GatedConv(module, spec, state)
+    if spec.kind == "linear":
+        return GatedLinear(module, spec, state)
+    return GatedNorm(module, spec, state)
