@@ -81,7 +81,8 @@ class TwoPathNetwork(nn.Module):
         self._ranked = False
         self.flops_polynomial = FlopsPolynomial(self.analysis, model, example_inputs)
         self._pinned: dict[int, Union[int, Tensor]] = {}
-        self.plan: HardPlan = self.refresh_plan()
+        self.plan = HardPlan([], [])
+        self.refresh_plan()
 
     # ------------------------------------------------------------------ construction
     def _build_two_path_module(self) -> tuple[fx.GraphModule, dict[str, nn.Module]]:
@@ -195,8 +196,9 @@ class TwoPathNetwork(nn.Module):
             widths = widths.index_put((slots,), hard)
         return keep, widths
 
-    def refresh_plan(self) -> HardPlan:
-        """Recompute the hard network from the current logits (and importance): one host read for all groups."""
+    def refresh_plan(self, extra: Optional[Tensor] = None) -> list[float]:
+        """Recompute the hard network from the current logits (and importance) with one host read for all
+        groups; ``extra`` (a 1-D tensor, e.g. a step's metrics) rides along in the same read and is returned."""
         if self.importance_mode == "dynamic" or not self._ranked:
             self.update_ranks()
         with torch.no_grad():
@@ -216,7 +218,10 @@ class TwoPathNetwork(nn.Module):
                 positions = torch.arange(ranks.numel(), device=ranks.device)
                 kept_in_prefix = ((ranks < hard[slot]) & (positions < hard[slot])).sum()
                 flags.append(kept_in_prefix.to(torch.float64))
-            host = torch.cat([hard.detach(), torch.stack(flags)]).tolist() if flags else []
+            parts = [hard.detach(), torch.stack(flags)] if flags else []
+            if extra is not None:
+                parts.append(extra.detach().to(torch.float64).to(self.ranks.device))
+            host = torch.cat(parts).tolist() if parts else []
         n = len(self.prunable)
         widths = [int(round(v)) for v in host[:n]]
         selections: list[Selection] = []
@@ -233,7 +238,7 @@ class TwoPathNetwork(nn.Module):
                 sel = self._orders[slot][:k].sort().values
             selections.append(None if isinstance(sel, int) and sel >= group.channels else sel)
         self.plan = HardPlan(widths, selections)
-        return self.plan
+        return host[2 * n:]
 
     # ------------------------------------------------------------------ pinning
     def hard_widths(self) -> dict[str, int]:

@@ -1,0 +1,99 @@
+"""Every S2HPruner hyper-parameter with its default, in one place (ALGORITHMS.md §1).
+
+Defaults follow the specification; where it leaves a choice open, the choice and its reason are noted.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Mapping, Optional
+
+__all__ = ["S2HConfig", "KD_MODES"]
+
+KD_MODES = ("decoupled", "unidirectional", "mutual", "none")
+
+
+@dataclass
+class S2HConfig:
+    """S2HPruner settings.
+
+    Attributes:
+        target_flops: T, the hard network's target remaining-FLOPs ratio (pruned / dense, same counter).
+        kd: gradient routing of the distillation terms: "decoupled" (the method), "unidirectional"
+            (no soft-from-hard term), "mutual" (both terms reach everything upstream of their student) or
+            "none" (plain differentiable-mask pruning, no hard network training).
+        alpha: weight of each KL term (G_h, G_s).
+        kd_temperature: softmax temperature of the KL terms (our choice: 1, as the spec's KD has none).
+        tau: temperature of the width-choice softmax.
+        granularity: channels per width choice ``d``: one int for all groups, a dict by group name, or None
+            (the largest ``d`` giving at most ``max_choices`` choices).
+        max_choices: bound on width choices per group for the default granularity.
+        importance: "dynamic" (re-rank channels by filter L1 norm every step) or "frozen" (rank once).
+        flops_weight: lambda of R = lambda * (F / F_full - T)^2.
+        tolerance: rho, the band around the target in which the FLOPs gradient fades.
+        balance: beta, the data / FLOPs gradient balance factor.
+        max_balance_scale: optional cap on the balancing up-scale factor (None: uncapped, as specified).
+        mask_lr: learning rate of the mask logits at the weight optimiser's initial lr; it follows the weight
+            lr schedule (scaled by lr / initial_lr).
+        recenter: subtract each group's mean logit after every update (softmax is shift-invariant).
+        warmup_epochs / joint_epochs / hard_epochs: dense warm-up (masks fixed at full width), joint soft + hard
+            training with mask updates, and final hard-only training with frozen masks.
+    """
+
+    target_flops: float = 0.35
+    kd: str = "decoupled"
+    alpha: float = 1.0
+    kd_temperature: float = 1.0
+    tau: float = 1.0
+    granularity: Any = None
+    max_choices: int = 32
+    importance: str = "dynamic"
+    flops_weight: float = 1.0
+    tolerance: float = 0.01
+    balance: float = 1.0
+    max_balance_scale: Optional[float] = None
+    mask_lr: float = 0.5
+    recenter: bool = False
+    warmup_epochs: int = 0
+    joint_epochs: int = 10
+    hard_epochs: int = 0
+    ignore: tuple = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.target_flops <= 1.0:
+            raise ValueError(f"target_flops must be in (0, 1], got {self.target_flops}")
+        if self.kd not in KD_MODES:
+            raise ValueError(f"kd must be one of {KD_MODES}, got {self.kd!r}")
+        if self.importance not in ("dynamic", "frozen"):
+            raise ValueError(f"importance must be 'dynamic' or 'frozen', got {self.importance!r}")
+        for name in ("tau", "kd_temperature", "tolerance"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("warmup_epochs", "joint_epochs", "hard_epochs"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        self.ignore = tuple(self.ignore)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "S2HConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown S2HPruner settings {unknown}; known: {sorted(known)}")
+        return cls(**dict(values))
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["ignore"] = list(self.ignore)
+        return out
+
+    @property
+    def total_epochs(self) -> int:
+        return self.warmup_epochs + self.joint_epochs + self.hard_epochs
+
+    def phase(self, epoch: int) -> str:
+        """"warmup", "joint" or "hard" for a 0-based epoch."""
+        if epoch < self.warmup_epochs:
+            return "warmup"
+        if epoch < self.warmup_epochs + self.joint_epochs:
+            return "joint"
+        return "hard"

@@ -1,0 +1,233 @@
+"""S2HPruner: soft-to-hard distillation with decoupled bidirectional KD (ALGORITHMS.md §1).
+
+One :meth:`S2HPruner.train_step` does: the soft forward and task loss, the hard forward (the physically
+narrow network of the current plan), the KD terms routed as :mod:`s2hk.routing` says, the FLOPs regulariser
+through the straight-through hard widths, the balanced mask update (:mod:`s2hk.mask_optim`), the weight
+optimiser's step, and the next step's hard plan -- read from the device together with the step's metrics
+in one host transfer.
+"""
+from __future__ import annotations
+
+from typing import Any, Iterable, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from .config import S2HConfig
+from .engine import TwoPathNetwork
+from .mask_optim import MaskOptimizer
+from .routing import logit_gradients, route
+
+__all__ = ["S2HPruner"]
+
+
+class S2HPruner(TwoPathNetwork):
+    """Prune ``model`` to ``target_flops`` of its dense FLOPs while training it.
+
+    Args:
+        model: the network to prune (trained in place; :meth:`export` gives the small model).
+        example_inputs: one batch (or a batch of one) of the model's input, for tracing and FLOPs.
+        target_flops: remaining-FLOPs ratio T of the hard network.
+        config: an :class:`S2HConfig`; keyword arguments override its fields.
+
+    Example::
+
+        pruner = S2HPruner(model, torch.randn(1, 3, 32, 32), target_flops=0.35)
+        opt = torch.optim.SGD(pruner.weight_parameters(), lr=0.1, momentum=0.9)
+        for x, y in loader:
+            metrics = pruner.train_step(x, y, opt)
+        small = pruner.export()
+    """
+
+    def __init__(self, model: nn.Module, example_inputs: Any, target_flops: Optional[float] = None,
+                 config: Optional[S2HConfig] = None, **overrides: Any) -> None:
+        values = (config or S2HConfig()).to_dict()
+        values.update(overrides)
+        if target_flops is not None:
+            values["target_flops"] = target_flops
+        self_config = S2HConfig.from_dict(values)
+        super().__init__(model, example_inputs, ignore=self_config.ignore, granularity=self_config.granularity,
+                         max_choices=self_config.max_choices, tau=self_config.tau,
+                         importance=self_config.importance)
+        self.config = self_config
+        self.mask_optimizer = MaskOptimizer(self.mask_logits, self.gate_layout, self_config.mask_lr,
+                                            self_config.flops_weight, self_config.tolerance, self_config.balance,
+                                            self_config.max_balance_scale, self_config.recenter)
+        self.phase = "joint"
+
+    # ------------------------------------------------------------------ losses
+    def flops_ratio(self, widths: Tensor) -> Tensor:
+        """Differentiable F_soft / F_full for all groups' (straight-through) widths."""
+        return self.flops_polynomial(widths) / self.flops_polynomial.dense_flops
+
+    def flops_loss(self, widths: Tensor) -> tuple[Tensor, Tensor]:
+        """``(R, ratio)`` with ``R = lambda (F_soft / F_full - T)^2``."""
+        ratio = self.flops_ratio(widths)
+        return self.config.flops_weight * (ratio - self.config.target_flops) ** 2, ratio
+
+    # ------------------------------------------------------------------ one step
+    def set_phase(self, phase: str) -> None:
+        """"warmup" (dense training, masks fixed), "joint" (S2HPruner) or "hard" (hard network only, masks
+        frozen at the current architecture)."""
+        if phase not in ("warmup", "joint", "hard"):
+            raise ValueError(f"phase must be 'warmup', 'joint' or 'hard', got {phase!r}")
+        if phase == "hard" and self.phase != "hard":
+            # freeze the architecture: pin the kept channels themselves, not just the widths
+            self.set_hard_widths({g.name: sel.tolist() if isinstance(sel, Tensor) else list(range(k))
+                                  for g, k, sel in zip(self.prunable, self.plan.widths, self.plan.selections)})
+        self.phase = phase
+
+    def train_step(self, x: Any, y: Tensor, optimizer: torch.optim.Optimizer) -> dict[str, float]:
+        """One S2HPruner step on the batch ``(x, y)``; ``optimizer`` holds :meth:`weight_parameters`.
+
+        Returns the step's metrics as floats: loss (task CE of the soft path), kd_hard (G_h), kd_soft (G_s),
+        flops_loss (R), soft_flops_ratio (F_soft / F_full), hard_flops_ratio (of the next step's hard
+        network), soft_acc and hard_acc (batch accuracies).
+        """
+        inputs = x if isinstance(x, tuple) else (x,)
+        optimizer.zero_grad(set_to_none=True)
+        if self.phase == "warmup":
+            return self._plain_step(inputs, y, optimizer, "dense")
+        if self.phase == "hard":
+            return self._plain_step(inputs, y, optimizer, "hard")
+        cfg = self.config
+        keep, widths = self.gates()
+        self.prepare_soft(keep)
+        soft = self.run("soft", *inputs)
+        hard = None
+        if cfg.kd != "none":
+            self.prepare_hard()
+            hard = self.run("hard", *inputs)
+        grads = logit_gradients(soft, hard, y, cfg.alpha, cfg.kd_temperature)
+        flops_loss, ratio = self.flops_loss(widths)
+        if self.mask_logits.numel():
+            (flops_grad,) = torch.autograd.grad(flops_loss, self.mask_logits, retain_graph=True)
+        else:
+            flops_grad = torch.zeros_like(self.mask_logits)
+        data_grad = route(cfg.kd, soft, hard, grads, self.mask_logits)
+        self.mask_optimizer.step(data_grad, flops_grad.to(data_grad.dtype), flops_loss, _lr_scale(optimizer))
+        optimizer.step()
+        soft_acc = _accuracy(soft, y)
+        hard_acc = _accuracy(hard, y) if hard is not None else soft_acc.new_tensor(float("nan"))
+        values = torch.stack([grads.task_loss.double(), grads.kd_hard.double(), grads.kd_soft.double(),
+                              flops_loss.detach().double(), ratio.detach().double(), soft_acc, hard_acc])
+        host = self.refresh_plan(extra=values)
+        keys = ("loss", "kd_hard", "kd_soft", "flops_loss", "soft_flops_ratio", "soft_acc", "hard_acc")
+        metrics = dict(zip(keys, host))
+        metrics["hard_flops_ratio"] = self.flops("hard") / self.flops("full")
+        return metrics
+
+    def _plain_step(self, inputs: tuple, y: Tensor, optimizer: torch.optim.Optimizer, path: str) -> dict[str, float]:
+        """Cross-entropy training of one path (dense warm-up, or the frozen hard network)."""
+        if path == "hard":
+            self.prepare_hard()
+        logits = self.run(path, *inputs)
+        loss = F.cross_entropy(logits, y)
+        loss.backward()
+        optimizer.step()
+        acc = _accuracy(logits, y)
+        loss_v, acc_v = torch.stack([loss.detach().double(), acc]).tolist()
+        ratio = self.flops("hard") / self.flops("full")
+        nan = float("nan")
+        return {"loss": loss_v, "kd_hard": nan, "kd_soft": nan, "flops_loss": nan, "soft_flops_ratio": nan,
+                "hard_flops_ratio": ratio, "soft_acc": acc_v if path == "dense" else nan,
+                "hard_acc": acc_v if path == "hard" else nan}
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def recalibrate_bn(self, batches: Iterable, num_batches: int = 200) -> int:
+        """Re-estimate the hard path's BatchNorm statistics from up to ``num_batches`` training batches
+        (cumulative average, no gradient); returns the number of batches used."""
+        norms = [w for w in self.wrappers.values() if getattr(w, "hard_running_mean", None) is not None]
+        saved = [(w.module.momentum, w.module.training) for w in norms]
+        was_training = self.training
+        self.train()
+        for w in norms:
+            w.hard_running_mean.zero_()
+            w.hard_running_var.fill_(1.0)
+            w.hard_num_batches_tracked.zero_()
+            w.module.momentum = None
+        used = 0
+        try:
+            self.prepare_hard()
+            for batch in batches:
+                if used >= num_batches:
+                    break
+                x = batch[0]
+                x = x[0] if isinstance(x, (tuple, list)) else x
+                self.run("hard", x.to(self.mask_logits.device))
+                used += 1
+        finally:
+            for w, (momentum, _) in zip(norms, saved):
+                w.module.momentum = momentum
+            self.train(was_training)
+        return used
+
+    @torch.no_grad()
+    def evaluate(self, batches: Iterable, paths: tuple = ("soft", "hard")) -> dict[str, float]:
+        """Top-1 accuracy (fraction) of each path over ``batches``, eval mode; with both paths also the
+        discretization gap ``soft_acc - hard_acc``."""
+        was_training = self.training
+        self.eval()
+        correct = {p: torch.zeros((), dtype=torch.float64, device=self.mask_logits.device) for p in paths}
+        total = 0
+        try:
+            if "soft" in paths:
+                keep, _ = self.gates()
+                self.prepare_soft(keep)
+            if "hard" in paths:
+                self.prepare_hard()
+            for x, y in batches:
+                x = x[0] if isinstance(x, (tuple, list)) else x
+                x, y = x.to(self.mask_logits.device), y.to(self.mask_logits.device)
+                for p in paths:
+                    correct[p] += (self.run(p, x).argmax(-1) == y).sum()
+                total += y.numel()
+        finally:
+            self.train(was_training)
+        values = torch.stack(list(correct.values())).tolist()
+        out = {f"{p}_acc": v / max(total, 1) for p, v in zip(paths, values)}
+        if "soft" in paths and "hard" in paths:
+            out["gap"] = out["soft_acc"] - out["hard_acc"]
+        return out
+
+    # ------------------------------------------------------------------ state
+    def pruning_state(self) -> dict:
+        """Mask logits, ranks, pinned widths, phase and hard-path BN statistics (the model's own weights are
+        in ``model.state_dict()``)."""
+        hard_bn = {name: {k: v.detach().clone() for k, v in w.state_dict().items() if k.startswith("hard_")}
+                   for name, w in self.wrappers.items() if getattr(w, "hard_running_mean", None) is not None}
+        return {"mask_logits": self.mask_logits.detach().clone(), "ranks": self.ranks.clone(),
+                "pinned": {str(gi): (v if isinstance(v, int) else v.tolist()) for gi, v in self._pinned.items()},
+                "phase": self.phase, "hard_bn": hard_bn, "mask_optimizer": self.mask_optimizer.state_dict(),
+                "groups": [g.name for g in self.prunable]}
+
+    def load_pruning_state(self, state: dict) -> None:
+        """Restore :meth:`pruning_state`; refuses a state made for a different set of groups."""
+        if list(state["groups"]) != [g.name for g in self.prunable]:
+            raise ValueError("pruning state was saved for different channel groups (another model or ignore list)")
+        with torch.no_grad():
+            self.mask_logits.copy_(state["mask_logits"])
+            self.ranks.copy_(state["ranks"])
+            for name, buffers in state["hard_bn"].items():
+                for key, value in buffers.items():
+                    getattr(self.wrappers[name], key).copy_(value)
+        self._ranked = True
+        self._pinned = {int(gi): (v if isinstance(v, int) else torch.tensor(v, device=self.ranks.device))
+                        for gi, v in state["pinned"].items()}
+        self.phase = state["phase"]
+        self.mask_optimizer.load_state_dict(state["mask_optimizer"])
+        self.refresh_plan()
+
+
+def _accuracy(logits: Tensor, y: Tensor) -> Tensor:
+    return (logits.detach().argmax(-1) == y).double().mean()
+
+
+def _lr_scale(optimizer: torch.optim.Optimizer) -> float:
+    group = optimizer.param_groups[0]
+    initial = group.get("initial_lr", group["lr"])
+    return group["lr"] / initial if initial else 1.0
+
