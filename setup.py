@@ -35,7 +35,7 @@ def _extension_modules():
     import torch
 
     use_cuda = bool(cuda_sources) and torch.version.cuda is not None and shutil.which("nvcc") is not None
-    extra = {"cxx": ["-O3", "-std=c++17"]}
+    extra = {"cxx": ["-O3"]}  # torch picks the C++ standard its headers need
     if use_cuda:
         extra["nvcc"] = ["-O3", "-std=c++17"]
         ext = CUDAExtension("s2hk._C", cpu_sources + cuda_sources, extra_compile_args=extra,

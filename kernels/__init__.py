@@ -1,1 +1,50 @@
-"""Fused Triton kernels for the two-path network (one file per op; reference beside each)."""
+"""Fused Triton kernels for the two-path network (one file per op; reference beside each).
+
+Each op module holds its Triton kernels, the launcher, the ``torch.autograd.Function``, the differentiable
+entry point the engine dispatches to, and a pure-PyTorch reference with the same signature:
+
+    dual_linear.dual_linear(x_soft, x_hard, weight, bias, gate, kept_in, kept_out, weight_grad=True)
+    dual_conv.dual_conv(x, weight, bias, gate, kept_out, stride, padding, dilation, weight_grad=True)
+    bn_gate_act.bn_gate_act(x, weight, bias, running_mean, running_var, gate, residual, activation,
+                            momentum, eps, training)
+
+Importing this package imports neither triton nor an op module: ``import s2hk.kernels.dual_linear`` (or
+attribute access, ``s2hk.kernels.dual_linear``) does. Triton fixes at that moment whether kernels are
+compiled for the GPU or run by its CPU interpreter, so set ``TRITON_INTERPRET=1`` before then to run them
+on CPU tensors.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from typing import Union
+
+import torch
+
+OPS = ("dual_linear", "dual_conv", "bn_gate_act")
+
+__all__ = ["OPS", "triton_available", "can_run", *OPS]
+
+
+def triton_available() -> bool:
+    """Whether triton is installed (without importing it)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def can_run(device: Union[torch.device, str]) -> bool:
+    """Whether the kernels can run on tensors of ``device``: CUDA with compiled kernels, or CPU under
+    Triton's interpreter."""
+    if not triton_available():
+        return False
+    from ._common import INTERPRETED
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        return not INTERPRETED and torch.cuda.is_available()
+    return device.type == "cpu" and INTERPRETED
+
+
+def __getattr__(name: str):
+    if name in OPS:
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

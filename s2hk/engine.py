@@ -11,12 +11,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
+import numbers
+
 import torch
 import torch.fx as fx
 import torch.nn as nn
 from torch import Tensor
 
-from . import masks
+from . import masks, ops
 from .flops import FlopsPolynomial
 from .graph import ChannelGroup, GraphAnalysis, Layout, LayerSpec, analyze
 from .layers import PathState, Selection, wrap_layer
@@ -78,6 +80,8 @@ class TwoPathNetwork(nn.Module):
         self.mask_logits = nn.Parameter(torch.cat(init).to(device) if init else torch.zeros(0, device=device))
         self.register_buffer("ranks", torch.zeros(sum(self.gate_layout.channels), dtype=torch.long, device=device))
         self._orders: list[Tensor] = []
+        self._channel_group: Optional[Tensor] = None
+        self._channel_position: Optional[Tensor] = None
         self._ranked = False
         self.flops_polynomial = FlopsPolynomial(self.analysis, model, example_inputs)
         self._pinned: dict[int, Union[int, Tensor]] = {}
@@ -156,34 +160,33 @@ class TwoPathNetwork(nn.Module):
     # ------------------------------------------------------------------ masks
     def update_ranks(self) -> None:
         """Rank every prunable group's channels by importance (group-mean filter L1 norm, descending)."""
-        with torch.no_grad():
-            importance = [torch.zeros(g.channels, device=self.ranks.device) for g in self.prunable]
-            counts = [0] * len(self.prunable)
-            for spec in self.analysis.layers.values():
-                if spec.kind == "norm":
-                    continue
-                weight = self.wrappers[spec.node].module.weight
-                norms = weight.detach().abs().flatten(1).sum(1).float()
-                offset = 0
-                for seg in spec.out_layout:
-                    slot = self._slot.get(seg.group)
-                    if slot is not None:
-                        importance[slot] += norms[offset:offset + seg.size]
-                        counts[slot] += 1
-                    offset += seg.size
-            orders = []
-            co = self.gate_layout.channel_offsets
-            for slot, (imp, n) in enumerate(zip(importance, counts)):
-                order, ranks = masks.ranks_from_importance(imp / max(n, 1))
-                self.ranks[co[slot]:co[slot + 1]] = ranks
-                orders.append(order)
-            self._orders = orders
+        if not self.prunable:
             self._ranked = True
+            return
+        weights, slots = [], []
+        for spec in self.analysis.layers.values():
+            if spec.kind == "norm":
+                continue
+            weight = self.wrappers[spec.node].module.weight
+            offset = 0
+            for seg in spec.out_layout:
+                slot = self._slot.get(seg.group)
+                if slot is not None:
+                    weights.append(weight[offset:offset + seg.size])
+                    slots.append(slot)
+                offset += seg.size
+        result = ops.group_importance(weights, slots)
+        co = self.gate_layout.channel_offsets
+        with torch.no_grad():
+            self.ranks.copy_(result.ranks)
+        self._orders = [result.order[co[i]:co[i + 1]] for i in range(len(self.prunable))]
+        self._ranked = True
 
     def gates(self) -> tuple[Tensor, Tensor]:
         """Soft keep-probabilities of all prunable channels ``(sum C,)`` and straight-through hard widths of
         all groups ``(G,)`` (float64; frozen groups at full width), differentiable in the mask logits."""
-        keep, hard, _ = masks.compute_gates(self.mask_logits, self.ranks, self.gate_layout, self.tau)
+        gates = ops.gates(self.mask_logits, self.ranks, self.gate_layout, self.tau)
+        keep, hard = gates.keep_probs, gates.hard_widths
         widths = torch.tensor([float(g.channels) for g in self.groups], dtype=torch.float64,
                               device=self.mask_logits.device)
         if self.prunable:
@@ -196,14 +199,28 @@ class TwoPathNetwork(nn.Module):
             widths = widths.index_put((slots,), hard)
         return keep, widths
 
+    def _prefix_counts(self, widths: Tensor) -> Tensor:
+        """Per group, how many of the channels at positions ``0..k-1`` are kept (``== k``: a prefix), for all
+        groups in one pass; float64 ``(G,)``."""
+        if self._channel_group is None:
+            channels = torch.tensor(self.gate_layout.channels, device=self.ranks.device)
+            self._channel_group = torch.repeat_interleave(torch.arange(len(self.prunable), device=self.ranks.device),
+                                                          channels)
+            starts = torch.tensor(self.gate_layout.channel_offsets[:-1], device=self.ranks.device)
+            self._channel_position = torch.arange(self.ranks.numel(), device=self.ranks.device) - \
+                starts[self._channel_group]
+        k = widths.to(torch.float64)[self._channel_group]
+        kept_in_prefix = (self.ranks < k) & (self._channel_position < k)
+        return torch.zeros(len(self.prunable), dtype=torch.float64, device=self.ranks.device).index_add_(
+            0, self._channel_group, kept_in_prefix.to(torch.float64))
+
     def refresh_plan(self, extra: Optional[Tensor] = None) -> list[float]:
         """Recompute the hard network from the current logits (and importance) with one host read for all
         groups; ``extra`` (a 1-D tensor, e.g. a step's metrics) rides along in the same read and is returned."""
         if self.importance_mode == "dynamic" or not self._ranked:
             self.update_ranks()
         with torch.no_grad():
-            _, hard, _ = masks.compute_gates(self.mask_logits.detach(), self.ranks, self.gate_layout, self.tau)
-            hard = hard.clone()
+            hard = ops.gates(self.mask_logits.detach(), self.ranks, self.gate_layout, self.tau).hard_widths.clone()
             pinned_sets: dict[int, Tensor] = {}
             for gi, pin in self._pinned.items():
                 slot = self._slot[gi]
@@ -212,13 +229,8 @@ class TwoPathNetwork(nn.Module):
                 else:
                     hard[slot] = pin.numel()
                     pinned_sets[slot] = pin
-            flags = []
-            for slot in range(len(self.prunable)):
-                ranks = self.group_ranks(slot)
-                positions = torch.arange(ranks.numel(), device=ranks.device)
-                kept_in_prefix = ((ranks < hard[slot]) & (positions < hard[slot])).sum()
-                flags.append(kept_in_prefix.to(torch.float64))
-            parts = [hard.detach(), torch.stack(flags)] if flags else []
+            flags = self._prefix_counts(hard) if self.prunable else None
+            parts = [hard.detach(), flags] if flags is not None else []
             if extra is not None:
                 parts.append(extra.detach().to(torch.float64).to(self.ranks.device))
             host = torch.cat(parts).tolist() if parts else []
@@ -258,7 +270,10 @@ class TwoPathNetwork(nn.Module):
             if not group.prunable:
                 raise ValueError(f"group '{name}' is frozen ({'; '.join(group.frozen_reasons)}) and cannot be "
                                  "given a width")
-            if isinstance(value, int):
+            if isinstance(value, Tensor) and value.dim() == 0:
+                value = int(value)
+            if isinstance(value, numbers.Integral):
+                value = int(value)
                 if not 1 <= value <= group.channels:
                     raise ValueError(f"width {value} for group '{name}' is outside 1..{group.channels}")
                 pinned[group.index] = value

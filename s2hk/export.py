@@ -202,8 +202,11 @@ def load_pruned(folder: str | Path, model: Optional[nn.Module] = None) -> fx.Gra
         arch = json.loads(arch_path.read_text())
     except json.JSONDecodeError as err:
         raise ValueError(f"{arch_path}: not valid JSON ({err})") from err
-    if arch.get("format") != ARCHITECTURE_FORMAT or arch.get("version") != ARCHITECTURE_VERSION:
+    if not isinstance(arch, dict) or arch.get("format") != ARCHITECTURE_FORMAT \
+            or arch.get("version") != ARCHITECTURE_VERSION:
         raise ValueError(f"{arch_path}: not an {ARCHITECTURE_FORMAT} v{ARCHITECTURE_VERSION} file")
+    if not isinstance(arch.get("layers"), dict):
+        raise ValueError(f"{arch_path}: has no 'layers' table; expected a file written by s2hk.save_pruned")
     if model is None:
         name = (arch.get("model") or {}).get("name")
         if not name:
@@ -226,8 +229,14 @@ def load_pruned(folder: str | Path, model: Optional[nn.Module] = None) -> fx.Gra
     graph = fx.Graph()
     graph.output(graph.graph_copy(gm.graph, {}))
     pruned = fx.GraphModule(root, graph, class_name="PrunedModel")
-    state = torch.load(weights_path, map_location="cpu", weights_only=True)
-    pruned.load_state_dict(state, strict=True)
+    try:
+        state = torch.load(weights_path, map_location="cpu", weights_only=True)
+    except Exception as err:  # unpickling and zip errors have many types; all mean an unreadable file
+        raise ValueError(f"{weights_path}: not a readable PyTorch state_dict ({type(err).__name__}: {err})") from err
+    try:
+        pruned.load_state_dict(state, strict=True)
+    except (RuntimeError, TypeError, AttributeError) as err:
+        raise ValueError(f"{weights_path}: does not match {arch_path} ({err})") from err
     return pruned.eval()
 
 

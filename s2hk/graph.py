@@ -231,6 +231,7 @@ class _Analyzer:
         self.layers: dict[str, LayerSpec] = {}
         self.errors: list[str] = []
         self.opaque: list[str] = []
+        self.opaque_set: set[str] = set()
         self.ungated: set[str] = set()              # producers feeding a channel multiply as its "attention"
         self.shapes: dict[str, tuple] = {}
 
@@ -321,6 +322,10 @@ class _Analyzer:
         if self.ignored(node):
             self.opaque_node(node, "ignored by the user")
             return
+        if node.op == "call_function" and node.target is operator.getitem and \
+                any(a.name in self.opaque_set for a in node.all_input_nodes):
+            self.opaque_node(node, "part of an ignored operation's output")
+            return
         if node.op == "call_module":
             self.visit_module(node, self.modules[str(node.target)])
         else:
@@ -336,6 +341,7 @@ class _Analyzer:
             space = self.new_space(shape[axis], frozen=where)
             self.make_info(node, (Segment(space, shape[axis]),), axis)
         self.opaque.append(node.name)
+        self.opaque_set.add(node.name)
 
     def single_input(self, node: fx.Node) -> _TensorInfo:
         args = self.tensor_args(node)
@@ -467,6 +473,10 @@ class _Analyzer:
         operands = self.tensor_args(node)
         shape = self.shapes.get(node.name)
         if shape is None:
+            return
+        if not operands:
+            if any(a.op not in ("get_attr",) for a in node.all_input_nodes):
+                raise _Unsupported("its operands come from operations whose channels are unknown")
             return
         if len(operands) == 1:
             info = self.info[operands[0].name]

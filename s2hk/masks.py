@@ -95,9 +95,18 @@ def expected_width(logits: Tensor, granularity: int, tau: float = 1.0) -> Tensor
     return (probs * widths).sum(-1)
 
 
+WIDTH_ROUNDING_SLACK = 1e-6
+"""Channels by which ``E`` may exceed an integer and still round to it: float64 sums of ``p_j n_j`` carry
+noise of ~1e-12 (e.g. uniform logits over 5 choices of 7 give 21.000000000000004, not 21), which ``ceil``
+would otherwise turn into a whole extra granularity step."""
+
+
 def straight_through_hard_width(expected: Tensor, granularity: int, channels: int) -> Tensor:
-    """``k = min(C, d * ceil(ceil(E) / d))`` in value, with gradient ``dk/dE = 1`` (straight-through)."""
-    hard = torch.clamp(granularity * torch.ceil(torch.ceil(expected.detach()) / granularity), max=channels)
+    """``k = min(C, d * ceil(ceil(E) / d))`` in value, with gradient ``dk/dE = 1`` (straight-through).
+
+    ``ceil`` is taken of ``E - WIDTH_ROUNDING_SLACK`` so rounding noise never adds a granularity step."""
+    whole = torch.ceil(expected.detach() - WIDTH_ROUNDING_SLACK)
+    hard = torch.clamp(granularity * torch.ceil(whole / granularity), max=channels)
     return hard + (expected - expected.detach())
 
 

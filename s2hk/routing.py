@@ -26,20 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["LogitGrads", "kd_terms", "logit_gradients", "route"]
+from . import ops
 
-
-def kd_terms(soft: Tensor, hard: Tensor, alpha: float = 1.0, temperature: float = 1.0) -> tuple[Tensor, Tensor]:
-    """``(G_h, G_s)``: batch-mean KL divergences with the teacher side detached (reference implementation).
-
-    Args:
-        soft, hard: ``(N, K)`` logits of the soft and hard paths.
-    """
-    log_p_soft = F.log_softmax(soft / temperature, dim=-1)
-    log_p_hard = F.log_softmax(hard / temperature, dim=-1)
-    g_h = alpha * F.kl_div(log_p_hard, log_p_soft.detach(), reduction="batchmean", log_target=True)
-    g_s = alpha * F.kl_div(log_p_hard.detach(), log_p_soft, reduction="batchmean", log_target=True)
-    return g_h, g_s
+__all__ = ["LogitGrads", "logit_gradients", "route"]
 
 
 @dataclass
@@ -63,10 +52,8 @@ def logit_gradients(soft: Tensor, hard: Optional[Tensor], target: Tensor, alpha:
     if hard is None:
         zero = soft.new_zeros(())
         return LogitGrads(task.detach(), zero, zero, task_to_soft, soft.new_zeros(0), torch.zeros_like(soft))
-    h = hard.detach().requires_grad_(True)
-    g_h, g_s = kd_terms(s, h, alpha, temperature)
-    (kd_hard_to_hard,) = torch.autograd.grad(g_h, h)
-    (kd_soft_to_soft,) = torch.autograd.grad(g_s, s)
+    kd = ops.decoupled_kd(soft.detach(), hard.detach(), temperature, alpha)
+    g_h, g_s, kd_hard_to_hard, kd_soft_to_soft = kd.loss_hard, kd.loss_soft, kd.grad_hard, kd.grad_soft
     return LogitGrads(task.detach(), g_h.detach(), g_s.detach(), task_to_soft, kd_hard_to_hard, kd_soft_to_soft)
 
 

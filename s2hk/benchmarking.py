@@ -1,0 +1,164 @@
+"""Step timings against the performance model of DESIGN.md.
+
+``floor = t(dense step) + t(training step of the exported narrow model) + t(input-gradient-only backward)``,
+each measured in plain PyTorch on the same machine, model and batch; an S2HPruner step should sit within
+10% of it. The narrow model is the hard network at the target FLOPs ratio obtained by scaling every
+prunable group uniformly (:func:`uniform_widths`).
+"""
+from __future__ import annotations
+
+import platform
+import statistics
+import time
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["uniform_widths", "time_call", "dense_step", "narrow_step", "input_grad_backward_time",
+           "s2hk_step", "step_timings", "machine_description"]
+
+
+def machine_description() -> dict:
+    """CPU model, cores, torch version and GPU name (if any), for results files."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    out = {"cpu": cpu, "cores": torch.get_num_threads(), "torch": torch.__version__,
+           "python": platform.python_version()}
+    if torch.cuda.is_available():
+        out["gpu"] = torch.cuda.get_device_name()
+    return out
+
+
+def uniform_widths(net: Any, target: float, tolerance: float = 0.005) -> dict[str, int]:
+    """Widths (multiples of each group's granularity) that scale every prunable group by one factor so that
+    the hard network's FLOPs ratio is as close to ``target`` as the granularity allows (bisection)."""
+    grans = dict(zip([g.name for g in net.prunable], net.gate_layout.granularities))
+    poly = net.flops_polynomial
+
+    def widths_at(f: float) -> dict[str, int]:
+        out = {}
+        for g in net.prunable:
+            d = grans[g.name]
+            out[g.name] = max(d, min(g.channels, d * round(f * g.channels / d)))
+        return out
+
+    def ratio(f: float) -> float:
+        all_w = [g.channels for g in net.groups]
+        for g in net.prunable:
+            all_w[g.index] = widths_at(f)[g.name]
+        return poly.flops_at(all_w) / poly.dense_flops
+
+    lo, hi = 0.0, 1.0
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        if ratio(mid) > target:
+            hi = mid
+        else:
+            lo = mid
+        if abs(ratio(mid) - target) < tolerance:
+            break
+    best = min((lo, hi), key=lambda f: abs(ratio(f) - target))
+    return widths_at(best)
+
+
+def time_call(fn: Callable[[], Any], repeats: int = 5, warmup: int = 1) -> float:
+    """Median wall time of ``fn()`` in seconds (CUDA-synchronised when a GPU is in use)."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    for _ in range(warmup):
+        fn()
+    sync()
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync()
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples)
+
+
+def dense_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, optimizer: torch.optim.Optimizer) -> Callable:
+    """A closure doing one plain training step (forward, CE, backward, SGD step)."""
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    return step
+
+
+narrow_step = dense_step  # a training step of the exported narrow model is a plain step of a smaller model
+
+
+def input_grad_backward_time(model: nn.Module, x: torch.Tensor, repeats: int = 5) -> float:
+    """Median time of a backward that computes input gradients only (no weight gradients): the cost of
+    S2HPruner's mask-only backward through the soft path."""
+    params = [p for p in model.parameters()]
+    flags = [p.requires_grad for p in params]
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    samples = []
+    try:
+        for p in params:
+            p.requires_grad_(False)
+        for i in range(repeats + 1):
+            xi = x.detach().requires_grad_(True)
+            out = model(xi)
+            grad = torch.randn_like(out)
+            sync()
+            start = time.perf_counter()
+            torch.autograd.grad(out, xi, grad)
+            sync()
+            if i:
+                samples.append(time.perf_counter() - start)
+    finally:
+        for p, flag in zip(params, flags):
+            p.requires_grad_(flag)
+    return statistics.median(samples)
+
+
+def s2hk_step(pruner: Any, x: torch.Tensor, y: torch.Tensor, optimizer: torch.optim.Optimizer) -> Callable:
+    def step() -> None:
+        pruner.train_step(x, y, optimizer)
+    return step
+
+
+def step_timings(model_name: str, batch_size: int = 64, image_size: int = 32, target_flops: float = 0.35,
+                 repeats: int = 5, num_classes: int = 10, device: Optional[str] = None) -> dict:
+    """Times of a dense step, the narrow model's step, the input-gradient-only backward, the floor and an
+    S2HPruner step (hard network pinned at ``target_flops`` by uniform scaling), all on one batch."""
+    from .models import get_model
+    from .s2h import S2HPruner
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(0)
+    x = torch.randn(batch_size, 3, image_size, image_size, device=device)
+    y = torch.randint(0, num_classes, (batch_size,), device=device)
+    model = get_model(model_name, num_classes=num_classes).to(device).train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    t_dense = time_call(dense_step(model, x, y, opt), repeats)
+    t_input_grad = input_grad_backward_time(model, x, repeats)
+
+    pruner = S2HPruner(model, x[:1], target_flops=target_flops).train()
+    pruner.set_hard_widths(uniform_widths(pruner, target_flops))
+    ratio = pruner.flops("hard") / pruner.flops("full")
+    narrow = pruner.export().train()
+    narrow_opt = torch.optim.SGD(narrow.parameters(), lr=0.01, momentum=0.9)
+    t_narrow = time_call(narrow_step(narrow, x, y, narrow_opt), repeats)
+    popt = torch.optim.SGD(pruner.weight_parameters(), lr=0.01, momentum=0.9)
+    t_s2hk = time_call(s2hk_step(pruner, x, y, popt), repeats)
+    floor = t_dense + t_narrow + t_input_grad
+    return {
+        "model": model_name, "batch_size": batch_size, "image_size": image_size, "device": device,
+        "target_flops": target_flops, "hard_flops_ratio": ratio,
+        "dense_step_s": t_dense, "narrow_step_s": t_narrow, "input_grad_backward_s": t_input_grad,
+        "floor_s": floor, "s2hk_step_s": t_s2hk,
+        "s2hk_over_dense": t_s2hk / t_dense, "floor_over_dense": floor / t_dense, "s2hk_over_floor": t_s2hk / floor,
+        "narrow_over_dense": t_narrow / t_dense, "machine": machine_description(),
+    }

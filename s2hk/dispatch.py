@@ -1,0 +1,165 @@
+"""Which implementation runs a hot op: the one rule for every op in s2hk.
+
+Every op has a PyTorch ``reference`` (the ground truth, always available) and may have a ``cpp`` op in the
+extension ``s2hk._C`` (csrc/, CPU and CUDA kernels) and/or a ``triton`` kernel (s2hk.kernels). The choice:
+
+- ``S2HK_IMPL`` = ``auto`` (default) | ``reference`` | ``cpp`` | ``triton``, overridden in-process by
+  :func:`use_impl` (innermost wins);
+- ``auto`` takes the first implementation the op lists (fastest first) that can run on the tensors' device, and
+  falls back quietly to the reference; Triton is never chosen automatically for CPU tensors (its CPU
+  interpreter is for tests);
+- an explicit request that cannot be honoured raises :class:`ImplementationUnavailable`, naming the op and
+  what is missing.
+
+Importing s2hk never needs a GPU, nvcc or the built extension: :func:`extension` returns ``s2hk._C`` or
+``None``, and the first time it is missing and wanted, one warning (per process) says why and how to build it.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import importlib
+import importlib.util
+import os
+import warnings
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Iterator, Optional, Sequence, Union
+
+import torch
+
+__all__ = ["IMPLS", "ImplementationUnavailable", "extension", "requested_impl", "use_impl", "choose"]
+
+#: Values of ``S2HK_IMPL`` / :func:`use_impl`.
+IMPLS = ("auto", "reference", "cpp", "triton")
+
+_BUILD_HINT = ("build it with `pip install -e . --no-build-isolation` from the s2hk source tree (needs a C++17 "
+               "compiler; its CUDA kernels also need a CUDA build of torch and nvcc at build time)")
+
+_override: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("s2hk_impl", default=None)
+
+
+class ImplementationUnavailable(RuntimeError):
+    """An explicitly requested implementation of an op cannot run here."""
+
+
+@dataclass
+class _ExtensionState:
+    loaded: bool = False
+    module: Optional[ModuleType] = None
+    error: Optional[str] = None
+    warned: bool = False
+
+
+_ext = _ExtensionState()
+
+
+def _import_extension() -> ModuleType:
+    return importlib.import_module("s2hk._C")
+
+
+def extension(warn: bool = True) -> Optional[ModuleType]:
+    """The loaded extension ``s2hk._C`` (its ops are then ``torch.ops.s2hk.*``), or ``None`` if it is missing.
+
+    The import is tried once per process. With ``warn`` (default), the first call that finds it missing emits a
+    single ``RuntimeWarning`` saying what failed and how to build it.
+    """
+    if not _ext.loaded:
+        _ext.loaded = True
+        try:
+            _ext.module = _import_extension()
+        except Exception as err:  # not built, or built against another torch: both leave the references working
+            _ext.error = f"{type(err).__name__}: {err}"
+    if _ext.module is None and warn and not _ext.warned:
+        _ext.warned = True
+        warnings.warn(f"s2hk: the C++ extension s2hk._C is not available ({_ext.error}); the PyTorch reference "
+                      f"implementations are used instead. To get the C++/CUDA ops, {_BUILD_HINT}.",
+                      RuntimeWarning, stacklevel=2)
+    return _ext.module
+
+
+def _checked(kind: str) -> str:
+    if kind not in IMPLS:
+        raise ValueError(f"S2HK_IMPL must be one of {', '.join(IMPLS)}; got {kind!r}")
+    return kind
+
+
+def requested_impl() -> str:
+    """The implementation asked for here: the innermost :func:`use_impl`, else ``S2HK_IMPL``, else ``auto``."""
+    override = _override.get()
+    if override is not None:
+        return override
+    return _checked(os.environ.get("S2HK_IMPL", "auto").strip().lower() or "auto")
+
+
+@contextlib.contextmanager
+def use_impl(kind: str) -> Iterator[None]:
+    """Run the enclosed code with ``kind`` as the requested implementation (as ``S2HK_IMPL=kind`` would)."""
+    token = _override.set(_checked(kind))
+    try:
+        yield
+    finally:
+        _override.reset(token)
+
+
+_DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
+
+
+def _missing(op: str, kind: str, device: torch.device) -> Optional[str]:
+    """Why ``kind`` cannot run ``op`` on ``device`` here, or ``None`` if it can."""
+    if kind == "cpp":
+        module = extension()
+        if module is None:
+            return f"the C++ extension s2hk._C is not available ({_ext.error}); {_BUILD_HINT}"
+        key = _DISPATCH_KEYS.get(device.type)
+        name = f"s2hk::{op}"
+        if key is None:
+            return f"s2hk._C has no kernels for {device.type} tensors"
+        if not torch._C._dispatch_has_kernel_for_dispatch_key(name, key):
+            if key == "CUDA" and not getattr(module, "WITH_CUDA", False):
+                return ("s2hk._C was built without its CUDA kernels (torch had no CUDA or nvcc was missing at build "
+                        f"time); {_BUILD_HINT}")
+            return f"s2hk._C has no {key} kernel for {name} (an outdated build?); {_BUILD_HINT}"
+        return None
+    if kind == "triton":
+        if importlib.util.find_spec("triton") is None:
+            return "triton is not installed (pip install triton)"
+        if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+            return "Triton kernels run on CPU tensors only under its interpreter (TRITON_INTERPRET=1)"
+        if device.type not in ("cpu", "cuda"):
+            return f"Triton kernels do not run on {device.type} tensors"
+        return None
+    return None
+
+
+def choose(op: str, device: Union[torch.device, str], kinds: Sequence[str]) -> str:
+    """The implementation to run ``op`` with on ``device``: ``"reference"`` or one of ``kinds``.
+
+    Args:
+        op: the op's name (for C++ ops, its name in ``torch.ops.s2hk``).
+        device: where the op's tensors live.
+        kinds: the op's implementations besides the reference, fastest first (e.g. ``("cpp",)``).
+    Raises:
+        ImplementationUnavailable: an explicitly requested implementation does not exist for ``op`` or cannot
+            run on ``device`` here.
+    """
+    device = torch.device(device)
+    requested = requested_impl()
+    if requested == "reference":
+        return "reference"
+    if requested == "auto":
+        for kind in kinds:
+            if kind == "triton" and device.type != "cuda":
+                continue
+            if _missing(op, kind, device) is None:
+                return kind
+        return "reference"
+    if requested not in kinds:
+        have = ", ".join(("reference", *kinds))
+        raise ImplementationUnavailable(f"S2HK_IMPL={requested} was requested, but op {op!r} has no {requested} "
+                                        f"implementation (it has: {have})")
+    reason = _missing(op, requested, device)
+    if reason is not None:
+        raise ImplementationUnavailable(f"S2HK_IMPL={requested} was requested for op {op!r} on {device.type} "
+                                        f"tensors, but {reason}")
+    return requested
