@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .config import S2HConfig
+from .distributed import all_reduce_mean_
 from .engine import TwoPathNetwork
 from .mask_optim import MaskOptimizer
 from .routing import logit_gradients, route
@@ -107,6 +108,8 @@ class S2HPruner(TwoPathNetwork):
         else:
             flops_grad = torch.zeros_like(self.mask_logits)
         data_grad = route(cfg.kd, soft, hard, grads, self.mask_logits)
+        # data-parallel: average what depends on this rank's shard (R depends on the logits alone)
+        all_reduce_mean_([p.grad for p in self.weight_parameters()] + [data_grad])
         self.mask_optimizer.step(data_grad, flops_grad.to(data_grad.dtype), flops_loss, _lr_scale(optimizer))
         optimizer.step()
         soft_acc = _accuracy(soft, y)
@@ -126,6 +129,7 @@ class S2HPruner(TwoPathNetwork):
         logits = self.run(path, *inputs)
         loss = F.cross_entropy(logits, y)
         loss.backward()
+        all_reduce_mean_([p.grad for p in self.weight_parameters()])
         optimizer.step()
         acc = _accuracy(logits, y)
         loss_v, acc_v = torch.stack([loss.detach().double(), acc]).tolist()
