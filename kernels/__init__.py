@@ -17,13 +17,15 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-from typing import Union
+import os
+import sys
+from typing import Optional, Union
 
 import torch
 
 OPS = ("dual_linear", "dual_conv", "bn_gate_act")
 
-__all__ = ["OPS", "triton_available", "can_run", *OPS]
+__all__ = ["OPS", "triton_available", "can_run", "unavailable", *OPS]
 
 
 def triton_available() -> bool:
@@ -42,6 +44,40 @@ def can_run(device: Union[torch.device, str]) -> bool:
     if device.type == "cuda":
         return not INTERPRETED and torch.cuda.is_available()
     return device.type == "cpu" and INTERPRETED
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Why the kernels cannot run (for s2hk.dispatch's errors)
+# ----------------------------------------------------------------------------------------------------------
+def unavailable(device: Union[torch.device, str]) -> Optional[str]:
+    """Why the kernels cannot run on tensors of ``device`` here, or ``None`` if they can (as :func:`can_run`).
+
+    Triton is not imported when the answer is already known without it (not installed, an unsupported
+    device, CPU tensors while ``TRITON_INTERPRET`` is unset and triton not yet imported), so that setting
+    ``TRITON_INTERPRET=1`` afterwards still takes effect.
+    """
+    device = torch.device(device)
+    if not triton_available():
+        return "triton is not installed (pip install triton)"
+    if device.type not in ("cpu", "cuda"):
+        return f"Triton kernels do not run on {device.type} tensors"
+    interpret_hint = "set TRITON_INTERPRET=1 before triton is first imported"
+    if device.type == "cpu" and "triton" not in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
+        return f"Triton kernels run on CPU tensors only under its interpreter: {interpret_hint}"
+    try:
+        from ._common import INTERPRETED
+    except Exception as err:  # an installed but broken triton
+        return f"triton failed to import ({type(err).__name__}: {err})"
+    if device.type == "cpu":
+        if not INTERPRETED:
+            return f"triton was imported without its interpreter (its kernels run on CUDA tensors); {interpret_hint}"
+        return None
+    if INTERPRETED:
+        return ("triton was imported with TRITON_INTERPRET=1 (its CPU interpreter): the kernels run on CPU tensors "
+                "only")
+    if not torch.cuda.is_available():
+        return "CUDA is not available"
+    return None
 
 
 def __getattr__(name: str):

@@ -4,10 +4,13 @@ Every op has a PyTorch ``reference`` (the ground truth, always available) and ma
 extension ``s2hk._C`` (csrc/, CPU and CUDA kernels) and/or a ``triton`` kernel (s2hk.kernels). The choice:
 
 - ``S2HK_IMPL`` = ``auto`` (default) | ``reference`` | ``cpp`` | ``triton``, overridden in-process by
-  :func:`use_impl` (innermost wins);
+  :func:`use_impl` (innermost wins). A request can name ops: ``S2HK_IMPL=bn_gate_act=triton`` (or
+  ``S2HK_IMPL=cpp,bn_gate_act=triton``; ``use_impl("triton", ops=("bn_gate_act",))``) asks for Triton for that
+  op only, the others keep the default -- needed because an op-wide ``triton`` request also reaches the ops
+  that have no Triton kernel, and those raise;
 - ``auto`` takes the first implementation the op lists (fastest first) that can run on the tensors' device, and
-  falls back quietly to the reference; Triton is never chosen automatically for CPU tensors (its CPU
-  interpreter is for tests);
+  falls back quietly to the reference. A Triton kernel is taken by ``auto`` only where :data:`TRITON_WINS`
+  records it measured faster on that device type -- never for CPU tensors (its CPU interpreter is for tests);
 - an explicit request that cannot be honoured raises :class:`ImplementationUnavailable`, naming the op and
   what is missing.
 
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import importlib
 import importlib.util
 import os
@@ -28,15 +32,41 @@ from typing import Iterator, Optional, Sequence, Union
 
 import torch
 
-__all__ = ["IMPLS", "ImplementationUnavailable", "extension", "requested_impl", "use_impl", "choose"]
+__all__ = ["IMPLS", "TRITON_WINS", "ImplementationUnavailable", "extension", "requested_impl", "use_impl",
+           "choose"]
 
 #: Values of ``S2HK_IMPL`` / :func:`use_impl`.
 IMPLS = ("auto", "reference", "cpp", "triton")
 
+#: The table of measured wins: op -> the device types on which its Triton kernel was measured faster than the
+#: implementation it replaces (the PyTorch composition or the C++ op), on the shapes that matter. ``auto`` runs
+#: a Triton kernel only where it is listed here; an explicit ``triton`` request does not consult it.
+#: Empty until a GPU benchmark fills it: bench/test_bench_kernels.py times each kernel against its composition
+#: (results in bench/results/); add ``"op": ("cuda",)`` once an op wins there, citing the measurement.
+#: Until then ``auto`` keeps the PyTorch composition everywhere (bn_gate_act, dual_linear, dual_conv).
+TRITON_WINS: dict[str, tuple[str, ...]] = {}
+
 _BUILD_HINT = ("build it with `pip install -e . --no-build-isolation` from the s2hk source tree (needs a C++17 "
                "compiler; its CUDA kernels also need a CUDA build of torch and nvcc at build time)")
 
-_override: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("s2hk_impl", default=None)
+
+@dataclass(frozen=True)
+class _Request:
+    """A requested implementation: ``default`` for every op (None: not set at this level), ``per_op`` for the
+    named ops (later entries win)."""
+
+    default: Optional[str] = None
+    per_op: tuple[tuple[str, str], ...] = ()
+
+    def kind_for(self, op: Optional[str]) -> Optional[str]:
+        if op is not None:
+            for name, kind in reversed(self.per_op):
+                if name == op:
+                    return kind
+        return self.default
+
+
+_override: contextvars.ContextVar[Optional[_Request]] = contextvars.ContextVar("s2hk_impl", default=None)
 
 
 class ImplementationUnavailable(RuntimeError):
@@ -84,18 +114,47 @@ def _checked(kind: str) -> str:
     return kind
 
 
-def requested_impl() -> str:
-    """The implementation asked for here: the innermost :func:`use_impl`, else ``S2HK_IMPL``, else ``auto``."""
+@functools.lru_cache(maxsize=16)
+def _parse_env(value: str) -> _Request:
+    """``S2HK_IMPL``: comma-separated entries, each a kind (for every op) or ``op=kind``."""
+    default, per_op = None, []
+    for entry in value.strip().lower().split(","):
+        entry = entry.strip()
+        if not entry:
+            continue
+        if "=" in entry:
+            op, _, kind = entry.partition("=")
+            per_op.append((op.strip(), _checked(kind.strip())))
+        else:
+            default = _checked(entry)
+    return _Request(default, tuple(per_op))
+
+
+def requested_impl(op: Optional[str] = None) -> str:
+    """The implementation asked for here (for ``op`` when given): the innermost :func:`use_impl` that covers it,
+    else ``S2HK_IMPL``, else ``auto``."""
     override = _override.get()
     if override is not None:
-        return override
-    return _checked(os.environ.get("S2HK_IMPL", "auto").strip().lower() or "auto")
+        kind = override.kind_for(op)
+        if kind is not None:
+            return kind
+    return _parse_env(os.environ.get("S2HK_IMPL", "auto")).kind_for(op) or "auto"
 
 
 @contextlib.contextmanager
-def use_impl(kind: str) -> Iterator[None]:
-    """Run the enclosed code with ``kind`` as the requested implementation (as ``S2HK_IMPL=kind`` would)."""
-    token = _override.set(_checked(kind))
+def use_impl(kind: str, ops: Optional[Sequence[str]] = None) -> Iterator[None]:
+    """Run the enclosed code with ``kind`` as the requested implementation (as ``S2HK_IMPL=kind`` would), for
+    every op, or only for the ops named in ``ops`` (as ``S2HK_IMPL=op=kind`` would; other ops keep what the
+    enclosing code requested)."""
+    kind = _checked(kind)
+    outer = _override.get() or _Request()
+    if ops is None:
+        request = _Request(kind)
+    else:
+        if isinstance(ops, str):
+            ops = (ops,)
+        request = _Request(outer.default, outer.per_op + tuple((op, kind) for op in ops))
+    token = _override.set(request)
     try:
         yield
     finally:
@@ -122,13 +181,9 @@ def _missing(op: str, kind: str, device: torch.device) -> Optional[str]:
             return f"s2hk._C has no {key} kernel for {name} (an outdated build?); {_BUILD_HINT}"
         return None
     if kind == "triton":
-        if importlib.util.find_spec("triton") is None:
-            return "triton is not installed (pip install triton)"
-        if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-            return "Triton kernels run on CPU tensors only under its interpreter (TRITON_INTERPRET=1)"
-        if device.type not in ("cpu", "cuda"):
-            return f"Triton kernels do not run on {device.type} tensors"
-        return None
+        from s2hk import kernels  # the package alone: triton is imported only if it is installed and may run
+
+        return kernels.unavailable(device)
     return None
 
 
@@ -144,12 +199,12 @@ def choose(op: str, device: Union[torch.device, str], kinds: Sequence[str]) -> s
             run on ``device`` here.
     """
     device = torch.device(device)
-    requested = requested_impl()
+    requested = requested_impl(op)
     if requested == "reference":
         return "reference"
     if requested == "auto":
         for kind in kinds:
-            if kind == "triton" and device.type != "cuda":
+            if kind == "triton" and (device.type != "cuda" or device.type not in TRITON_WINS.get(op, ())):
                 continue
             if _missing(op, kind, device) is None:
                 return kind

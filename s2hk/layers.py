@@ -11,6 +11,19 @@ shared :class:`PathState` that the engine fills before a forward:
   hard path, because the narrow network's activations differ from the full one's.
 
 A channel selection is ``None`` (all channels), an ``int`` k (the prefix ``0..k-1``) or an int64 index tensor.
+
+Implementations (:mod:`s2hk.dispatch`, op ``"bn_gate_act"``): a gated BatchNorm on the soft path and every
+BatchNorm on the hard path run either the PyTorch composition below or the fused Triton kernel
+``s2hk.kernels.bn_gate_act`` (normalisation and gate in one pass per direction; activations are separate graph
+nodes here, so its activation is the identity). ``S2HK_IMPL=triton`` (or ``bn_gate_act=triton``) forces the
+kernel; ``auto`` takes it only where :data:`s2hk.dispatch.TRITON_WINS` lists it; ``reference`` and ``cpp`` run
+the composition (there is no C++ op: ``F.batch_norm`` is aten's own). The dense path, and an ungated norm on
+the soft path, is the user's layer itself; LayerNorm always runs the composition.
+
+Convolutions and linear layers stay on the composition (cuDNN / cuBLAS). The dual-path kernels
+``s2hk.kernels.dual_conv`` / ``dual_linear`` pay by computing the soft and the hard output in one launch, but
+the engine runs the two paths in separate forwards, so they would only ever see one path at a time here: a
+custom GEMM or convolution with a gate, which must first be measured faster than cuDNN / cuBLAS on the shape.
 """
 from __future__ import annotations
 
@@ -22,6 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import dispatch
 from .graph import LayerSpec
 
 Selection = Optional[Union[int, Tensor]]
@@ -144,13 +158,12 @@ class GatedNorm(_Wrapper):
 
     def _soft(self, x: Tensor, gate: Tensor) -> Tensor:
         m = self.module
+        if not self.is_layer_norm:
+            return _batch_norm(m, x, m.running_mean, m.running_var, m.num_batches_tracked, m.weight, m.bias, gate)
         if m.weight is None:  # no affine parameters to fold the gate into
             y = self.module(x)
             return y * gate.view(_gate_shape(y.dim(), self.channel_axis))
-        weight, bias = m.weight * gate, m.bias * gate
-        if self.is_layer_norm:
-            return F.layer_norm(x, m.normalized_shape, weight, bias, m.eps)
-        return _batch_norm(m, x, m.running_mean, m.running_var, m.num_batches_tracked, weight, bias)
+        return F.layer_norm(x, m.normalized_shape, m.weight * gate, m.bias * gate, m.eps)
 
     def _hard(self, x: Tensor, sel: Selection) -> Tensor:
         m = self.module
@@ -169,17 +182,43 @@ class GatedNorm(_Wrapper):
         return y
 
 
+_BN_OP = "bn_gate_act"
+
+
+def _bn_impl(x: Tensor) -> str:
+    """``"triton"`` where dispatch picks the fused kernel for a BatchNorm on ``x``'s device, else
+    ``"reference"``; raises ImplementationUnavailable where Triton is forced but cannot run there."""
+    if dispatch.requested_impl(_BN_OP) in ("reference", "cpp"):
+        return "reference"
+    return dispatch.choose(_BN_OP, x.device, ("triton",))
+
+
 def _batch_norm(m: nn.Module, x: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
-                num_batches_tracked: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor]) -> Tensor:
-    """``nn.BatchNorm``'s forward with explicit statistics and affine parameters (same momentum rules)."""
+                num_batches_tracked: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
+                gate: Optional[Tensor] = None) -> Tensor:
+    """``nn.BatchNorm``'s forward with explicit statistics and affine parameters (same momentum rules), its
+    output scaled per channel by ``gate`` when given: ``BN(x) * gate``."""
     momentum = 0.0 if m.momentum is None else m.momentum
     if m.training and m.track_running_stats and num_batches_tracked is not None:
         num_batches_tracked.add_(1)
         momentum = 1.0 / float(num_batches_tracked) if m.momentum is None else m.momentum
     use_batch_stats = m.training or running_mean is None
-    return F.batch_norm(x, running_mean if not m.training or m.track_running_stats else None,
-                        running_var if not m.training or m.track_running_stats else None,
-                        weight, bias, use_batch_stats, momentum, m.eps)
+    if not m.training or m.track_running_stats:
+        stats = (running_mean, running_var)
+    else:
+        stats = (None, None)
+    if _bn_impl(x) == "triton":
+        from .kernels import bn_gate_act  # imports triton: only once it was chosen
+
+        return bn_gate_act.bn_gate_act(x, weight, bias, *stats, gate=gate, residual=None, activation="identity",
+                                       momentum=float(momentum), eps=m.eps, training=use_batch_stats)
+    if gate is None:
+        return F.batch_norm(x, *stats, weight, bias, use_batch_stats, momentum, m.eps)
+    if weight is None:  # no affine parameters to fold the gate into
+        y = F.batch_norm(x, *stats, None, None, use_batch_stats, momentum, m.eps)
+        return y * gate.view(_gate_shape(y.dim(), 1))
+    # BN(x) * w = xhat * (gamma w) + beta w: the gate folded into the affine parameters, exact
+    return F.batch_norm(x, *stats, weight * gate, bias * gate, use_batch_stats, momentum, m.eps)
 
 
 def wrap_layer(module: nn.Module, spec: LayerSpec, state: PathState) -> nn.Module:

@@ -206,18 +206,30 @@ class S2HPruner(TwoPathNetwork):
         return {"mask_logits": self.mask_logits.detach().clone(), "ranks": self.ranks.clone(),
                 "pinned": {str(gi): (v if isinstance(v, int) else v.tolist()) for gi, v in self._pinned.items()},
                 "phase": self.phase, "hard_bn": hard_bn, "mask_optimizer": self.mask_optimizer.state_dict(),
-                "groups": [g.name for g in self.prunable]}
+                "groups": self._group_signature()}
 
     def load_pruning_state(self, state: dict) -> None:
-        """Restore :meth:`pruning_state`; refuses a state made for a different set of groups."""
-        if list(state["groups"]) != [g.name for g in self.prunable]:
-            raise ValueError("pruning state was saved for different channel groups (another model or ignore list)")
+        """Restore :meth:`pruning_state`. Every shape is checked before anything is written, so a state made
+        for other channel groups (another model, width or ignore list) is refused and nothing is half-loaded."""
+        mine = self._group_signature()
+        theirs = [list(g) for g in state.get("groups", [])]
+        if theirs != mine:
+            raise ValueError(f"pruning state was saved for different channel groups: expected {mine}, got {theirs}")
+        checks = [(self.mask_logits, state["mask_logits"], "mask_logits"), (self.ranks, state["ranks"], "ranks")]
+        for name, buffers in state["hard_bn"].items():
+            if name not in self.wrappers:
+                raise ValueError(f"pruning state has hard BN statistics for unknown layer call '{name}'")
+            for key, value in buffers.items():
+                checks.append((getattr(self.wrappers[name], key), value, f"{name}.{key}"))
+        for current, saved, name in checks:
+            if tuple(current.shape) != tuple(saved.shape):
+                raise ValueError(f"pruning state entry '{name}' has shape {tuple(saved.shape)}, expected "
+                                 f"{tuple(current.shape)}")
         with torch.no_grad():
-            self.mask_logits.copy_(state["mask_logits"])
-            self.ranks.copy_(state["ranks"])
-            for name, buffers in state["hard_bn"].items():
-                for key, value in buffers.items():
-                    getattr(self.wrappers[name], key).copy_(value)
+            for current, saved, _ in checks:
+                current.copy_(saved)
+        co = self.gate_layout.channel_offsets
+        self._orders = [torch.argsort(self.ranks[co[i]:co[i + 1]]) for i in range(len(self.prunable))]
         self._ranked = True
         self._pinned = {int(gi): (v if isinstance(v, int) else torch.tensor(v, device=self.ranks.device))
                         for gi, v in state["pinned"].items()}
@@ -225,6 +237,8 @@ class S2HPruner(TwoPathNetwork):
         self.mask_optimizer.load_state_dict(state["mask_optimizer"])
         self.refresh_plan()
 
+    def _group_signature(self) -> list[list]:
+        return [[g.name, g.channels, d] for g, d in zip(self.prunable, self.gate_layout.granularities)]
 
 def _accuracy(logits: Tensor, y: Tensor) -> Tensor:
     return (logits.detach().argmax(-1) == y).double().mean()
