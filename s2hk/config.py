@@ -33,7 +33,7 @@ class S2HConfig:
         balance: beta, the data / FLOPs gradient balance factor.
         max_balance_scale: optional cap on the balancing up-scale factor (None: uncapped, as specified).
         mask_lr: learning rate of the mask logits at the weight optimiser's initial lr; it follows the weight
-            lr schedule (scaled by lr / initial_lr). Our choice: 10, measured on the embedded job (resnet56,
+            lr schedule (scaled by lr / initial_lr). Our choice: 20, measured on the embedded job (resnet56,
             digits, 264 steps) to bring the max-initialised logits (u_L ~ 5) to the target within the first
             half of the joint phase; longer runs (ImageNet: thousands of steps per epoch) want a smaller one.
         recenter: subtract each group's mean logit after every update (softmax is shift-invariant).
@@ -53,7 +53,7 @@ class S2HConfig:
     tolerance: float = 0.01
     balance: float = 1.0
     max_balance_scale: Optional[float] = None
-    mask_lr: float = 10.0
+    mask_lr: float = 20.0
     recenter: bool = False
     warmup_epochs: int = 0
     joint_epochs: int = 10

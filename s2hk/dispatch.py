@@ -4,10 +4,11 @@ Every op has a PyTorch ``reference`` (the ground truth, always available) and ma
 extension ``s2hk._C`` (csrc/, CPU and CUDA kernels) and/or a ``triton`` kernel (s2hk.kernels). The choice:
 
 - ``S2HK_IMPL`` = ``auto`` (default) | ``reference`` | ``cpp`` | ``triton``, overridden in-process by
-  :func:`use_impl` (innermost wins). A request can name ops: ``S2HK_IMPL=bn_gate_act=triton`` (or
-  ``S2HK_IMPL=cpp,bn_gate_act=triton``; ``use_impl("triton", ops=("bn_gate_act",))``) asks for Triton for that
-  op only, the others keep the default -- needed because an op-wide ``triton`` request also reaches the ops
-  that have no Triton kernel, and those raise;
+  :func:`use_impl` (innermost wins). A request for every op (``S2HK_IMPL=triton``) applies to the ops that have
+  that kind of implementation; an op with no implementation of that kind at all chooses as ``auto`` (the same
+  math, so results do not change). A request can name ops: ``S2HK_IMPL=bn_gate_act=triton`` (or
+  ``S2HK_IMPL=cpp,bn_gate_act=triton``; ``use_impl("triton", ops=("bn_gate_act",))``) -- naming an op with a
+  kind it does not have raises;
 - ``auto`` takes the first implementation the op lists (fastest first) that can run on the tensors' device, and
   falls back quietly to the reference. A Triton kernel is taken by ``auto`` only where :data:`TRITON_WINS`
   records it measured faster on that device type -- never for CPU tensors (its CPU interpreter is for tests);
@@ -59,11 +60,16 @@ class _Request:
     per_op: tuple[tuple[str, str], ...] = ()
 
     def kind_for(self, op: Optional[str]) -> Optional[str]:
+        named = self.named_kind(op)
+        return named if named is not None else self.default
+
+    def named_kind(self, op: Optional[str]) -> Optional[str]:
+        """The kind requested for ``op`` by name (not through the default), if any."""
         if op is not None:
             for name, kind in reversed(self.per_op):
                 if name == op:
                     return kind
-        return self.default
+        return None
 
 
 _override: contextvars.ContextVar[Optional[_Request]] = contextvars.ContextVar("s2hk_impl", default=None)
@@ -133,12 +139,20 @@ def _parse_env(value: str) -> _Request:
 def requested_impl(op: Optional[str] = None) -> str:
     """The implementation asked for here (for ``op`` when given): the innermost :func:`use_impl` that covers it,
     else ``S2HK_IMPL``, else ``auto``."""
-    override = _override.get()
-    if override is not None:
-        kind = override.kind_for(op)
-        if kind is not None:
-            return kind
-    return _parse_env(os.environ.get("S2HK_IMPL", "auto")).kind_for(op) or "auto"
+    return _requested(op)[0]
+
+
+def _requested(op: Optional[str]) -> tuple[str, bool]:
+    """``(kind, named)``: the requested kind for ``op`` and whether the request named ``op`` explicitly."""
+    for request in (_override.get(), _parse_env(os.environ.get("S2HK_IMPL", "auto"))):
+        if request is None:
+            continue
+        named = request.named_kind(op)
+        if named is not None:
+            return named, True
+        if request.default is not None:
+            return request.default, False
+    return "auto", False
 
 
 @contextlib.contextmanager
@@ -199,7 +213,9 @@ def choose(op: str, device: Union[torch.device, str], kinds: Sequence[str]) -> s
             run on ``device`` here.
     """
     device = torch.device(device)
-    requested = requested_impl(op)
+    requested, named = _requested(op)
+    if requested not in ("auto", "reference") and requested not in kinds and not named:
+        requested = "auto"  # a request for every op leaves the ops without that kind to the usual choice
     if requested == "reference":
         return "reference"
     if requested == "auto":

@@ -66,13 +66,21 @@ def test_auto_never_picks_triton_for_cpu_tensors(clean_env):
     assert dispatch.choose("some_op", "cpu", ("triton",)) == "reference"
 
 
-def test_explicit_kind_the_op_lacks_raises(clean_env):
-    with dispatch.use_impl("triton"):
+def test_naming_an_op_with_a_kind_it_lacks_raises(clean_env):
+    with dispatch.use_impl("triton", ops=("gates",)):
         with pytest.raises(dispatch.ImplementationUnavailable, match="'gates' has no triton implementation"):
             dispatch.choose("gates", "cpu", ("cpp",))
-    with dispatch.use_impl("cpp"):
+    with dispatch.use_impl("cpp", ops=("bn_act",)):
         with pytest.raises(dispatch.ImplementationUnavailable, match="'bn_act' has no cpp implementation"):
             dispatch.choose("bn_act", "cpu", ("triton",))
+
+
+def test_request_for_every_op_leaves_ops_without_that_kind_to_auto(clean_env, monkeypatch):
+    with dispatch.use_impl("triton"):
+        assert dispatch.choose("gates", "cpu", ("cpp",)) == "cpp"       # no Triton kernel: as auto
+        assert dispatch.choose("other", "cpu", ()) == "reference"
+    monkeypatch.setenv("S2HK_IMPL", "cpp")
+    assert dispatch.choose("bn_act", "cpu", ("triton",)) == "reference"  # auto never runs Triton on CPU
 
 
 def test_explicit_cpp_without_extension_raises(no_extension):
