@@ -37,6 +37,8 @@ class S2HConfig:
             digits, 264 steps) to bring the max-initialised logits (u_L ~ 5) to the target within the first
             half of the joint phase; longer runs (ImageNet: thousands of steps per epoch) want a smaller one.
         recenter: subtract each group's mean logit after every update (softmax is shift-invariant).
+        fused_paths: run both paths in one traversal so fused dual-path kernels can share launches; same
+            results (:meth:`s2hk.engine.TwoPathNetwork.run_dual`; only where the hard path runs: kd != "none").
         warmup_epochs / joint_epochs / hard_epochs: dense warm-up (masks fixed at full width), joint soft + hard
             training with mask updates, and final hard-only training with frozen masks.
     """
@@ -55,6 +57,7 @@ class S2HConfig:
     max_balance_scale: Optional[float] = None
     mask_lr: float = 20.0
     recenter: bool = False
+    fused_paths: bool = False
     warmup_epochs: int = 0
     joint_epochs: int = 10
     hard_epochs: int = 0

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
 import numbers
+import operator
 
 import torch
 import torch.fx as fx
@@ -26,6 +27,9 @@ from .layers import PathState, Selection, wrap_layer
 __all__ = ["TwoPathNetwork", "HardPlan"]
 
 Granularity = Union[int, Mapping[str, int], None]
+
+_DUAL_ROOT = "paths"  # the dual graph's name for graph_module
+_DUAL_PATH = "dual"   # state.path during run_dual: no wrapper's forward runs then, and dual() ignores it
 
 
 @dataclass
@@ -87,6 +91,7 @@ class TwoPathNetwork(nn.Module):
         self._pinned: dict[int, Union[int, Tensor]] = {}
         self.plan = HardPlan([], [])
         self.refresh_plan()
+        self._dual = _DualCache()  # run_dual's graph module, built on first use
 
     # ------------------------------------------------------------------ construction
     def _build_two_path_module(self) -> tuple[fx.GraphModule, dict[str, nn.Module]]:
@@ -115,6 +120,65 @@ class TwoPathNetwork(nn.Module):
             elif node.op == "get_attr":
                 root[str(node.target)] = _fetch(source, str(node.target))
         return fx.GraphModule(root, graph, class_name="TwoPathGraph"), wrappers
+
+    def _build_dual_module(self) -> fx.GraphModule:
+        """The traced graph with every node duplicated into a soft and a hard copy, except placeholders and
+        attributes (shared by both) and wrapped layer calls, which become one ``wrapper.dual(x_soft, x_hard)``
+        call; it returns ``(soft output, hard output)``. Its modules and attributes are those of
+        :attr:`graph_module`, reached through it at run time (``paths.<target>``), so devices and train / eval
+        modes are shared."""
+        graph = fx.Graph()
+        soft: dict[fx.Node, fx.Node] = {}
+        hard: dict[fx.Node, fx.Node] = {}
+
+        def prefixed(target: Any) -> str:
+            return f"{_DUAL_ROOT}.{target}"
+
+        def duplicate(node: fx.Node, env: dict, path: str) -> fx.Node:
+            target = prefixed(node.target) if node.op == "call_module" else node.target
+            new = graph.create_node(node.op, target, fx.map_arg(node.args, env.__getitem__),
+                                    fx.map_arg(node.kwargs, env.__getitem__), name=f"{node.name}_{path}",
+                                    type_expr=node.type)
+            new.meta = dict(node.meta)
+            return new
+
+        for node in self.graph_module.graph.nodes:
+            if node.op == "placeholder":
+                soft[node] = hard[node] = graph.node_copy(node)
+            elif node.op == "get_attr":
+                shared = graph.node_copy(node)
+                shared.target = prefixed(node.target)
+                soft[node] = hard[node] = shared
+            elif node.op == "output":
+                graph.output((fx.map_arg(node.args[0], soft.__getitem__),
+                              fx.map_arg(node.args[0], hard.__getitem__)))
+            elif node.op == "call_module" and node.name in self.wrappers:
+                if len(node.args) != 1 or node.kwargs or not isinstance(node.args[0], fx.Node):
+                    raise NotImplementedError(f"run_dual: layer call '{node.name}' takes {node.args} {node.kwargs}; "
+                                              "only calls on one tensor can run both paths at once")
+                (x,) = node.args
+                layer = graph.create_node("get_attr", prefixed(node.target), name=f"{node.name}_layer")
+                both = graph.create_node("call_method", "dual", (layer, soft[x], hard[x]), name=f"{node.name}_dual")
+                soft[node] = graph.create_node("call_function", operator.getitem, (both, 0), name=f"{node.name}_soft")
+                hard[node] = graph.create_node("call_function", operator.getitem, (both, 1), name=f"{node.name}_hard")
+            else:
+                soft[node] = duplicate(node, soft, "soft")
+                hard[node] = duplicate(node, hard, "hard")
+        module = fx.GraphModule(nn.Module(), fx.Graph(), class_name="DualPathGraph")
+        setattr(module, _DUAL_ROOT, self.graph_module)
+        module.graph = graph  # compiles the code; targets resolve through graph_module at run time
+        return module
+
+    @property
+    def dual_module(self) -> fx.GraphModule:
+        """The dual-traversal graph module of :meth:`run_dual` (built once, on first use)."""
+        cache = self._dual
+        if cache.module is None:
+            cache.module = self._build_dual_module()
+            specs = self.analysis.layers.values()
+            cache.layouts = tuple({layout: None for spec in specs for layout in (spec.in_layout, spec.out_layout)})
+            cache.gated = tuple({spec.out_layout: None for spec in specs if spec.gate})
+        return cache.module
 
     def _granularity(self, group: ChannelGroup, granularity: Granularity, max_choices: int) -> int:
         if isinstance(granularity, int):
@@ -351,6 +415,26 @@ class TwoPathNetwork(nn.Module):
         finally:
             self.state.path = "dense"
 
+    def run_dual(self, *inputs: Any) -> tuple[Any, Any]:
+        """Run the soft and the hard path in one traversal of the network: ``(soft output, hard output)``.
+
+        Both path states must be prepared first (:meth:`prepare_soft` and :meth:`prepare_hard`). Each layer
+        sees both paths' inputs at once (:meth:`s2hk.layers.GatedConv.dual` and the like), so a fused dual-path
+        kernel can compute them in one launch; with the PyTorch implementations the results, gradients and
+        running-statistic updates are those of ``run("soft", ...)`` followed by ``run("hard", ...)``. Random
+        ops (dropout) draw per node, soft copy first: with more than one of them the draws are interleaved
+        differently than in two separate runs.
+        """
+        module, cache, state = self.dual_module, self._dual, self.state
+        if not all(layout in state.selections for layout in cache.layouts) or \
+                not all(layout in state.gates for layout in cache.gated):
+            raise RuntimeError("run_dual needs both paths prepared first: prepare_soft(keep) and prepare_hard()")
+        state.path = _DUAL_PATH
+        try:
+            return module(*inputs)
+        finally:
+            state.path = "dense"
+
     def forward(self, *inputs: Any, path: str = "hard") -> Any:
         """Logits of the ``"soft"``, ``"hard"`` or ``"dense"`` path for ``inputs``."""
         if path == "soft":
@@ -398,6 +482,25 @@ class TwoPathNetwork(nn.Module):
         sel = self.state.selections
         return {name: (sel[spec.in_layout], sel[spec.out_layout], spec)
                 for name, spec in self.analysis.layers.items()}
+
+
+class _DualCache:
+    """Holds run_dual's graph module and the layouts it reads. A copy (deepcopy, pickle) starts empty and is
+    rebuilt on first use, over the copy's own graph module."""
+
+    def __init__(self) -> None:
+        self.module: Optional[fx.GraphModule] = None
+        self.layouts: tuple = ()
+        self.gated: tuple = ()
+
+    def __deepcopy__(self, memo: dict) -> "_DualCache":
+        return _DualCache()
+
+    def __getstate__(self) -> dict:
+        return {}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__()
 
 
 def _fetch(module: nn.Module, target: str) -> Any:

@@ -20,10 +20,16 @@ kernel; ``auto`` takes it only where :data:`s2hk.dispatch.TRITON_WINS` lists it;
 the composition (there is no C++ op: ``F.batch_norm`` is aten's own). The dense path, and an ungated norm on
 the soft path, is the user's layer itself; LayerNorm always runs the composition.
 
-Convolutions and linear layers stay on the composition (cuDNN / cuBLAS). The dual-path kernels
-``s2hk.kernels.dual_conv`` / ``dual_linear`` pay by computing the soft and the hard output in one launch, but
-the engine runs the two paths in separate forwards, so they would only ever see one path at a time here: a
-custom GEMM or convolution with a gate, which must first be measured faster than cuDNN / cuBLAS on the shape.
+Convolutions and linear layers stay on the composition (cuDNN / cuBLAS) in :meth:`forward`, which sees one
+path at a time. Both paths at once: ``dual(x_soft, x_hard) -> (y_soft, y_hard)``, called by the engine's
+dual traversal (:meth:`s2hk.engine.TwoPathNetwork.run_dual`), which needs the soft gates and the hard
+selections prepared and ignores ``state.path``. By default it is exactly the soft and the hard computation of
+:meth:`forward`, one after the other (same results as two separate forwards). Where dispatch picks Triton, a
+linear layer runs ``s2hk.kernels.dual_linear`` (op ``"dual_linear"``: both GEMMs in one launch) and a
+convolution whose two inputs are the same tensor (the stem: both paths see the image) runs
+``s2hk.kernels.dual_conv`` (op ``"dual_conv"``: one read of the input, the hard output a channel subset of the
+soft one's pre-gate value) when it is a 2-D convolution with ``groups == 1`` and zero padding. ``auto`` takes
+them only where :data:`s2hk.dispatch.TRITON_WINS` lists them.
 """
 from __future__ import annotations
 
@@ -84,27 +90,61 @@ class _Wrapper(nn.Module):
     def extra_repr(self) -> str:
         return f"gate={self.spec.gate}"
 
+    def _soft_gate(self) -> Optional[Tensor]:
+        """The soft path's gate of this layer's output, or None where the layer carries none."""
+        return self.state.gates[self.spec.out_layout] if self.spec.gate else None
+
 
 class GatedConv(_Wrapper):
     """A ``nn.ConvNd`` on both paths; depthwise convs keep one group per kept channel."""
 
     def forward(self, x: Tensor) -> Tensor:
         path = self.state.path
+        if path == "hard":
+            return self._hard(x)
+        if path == "soft":
+            return self._soft(x)
+        return self.module(x)
+
+    def dual(self, x_soft: Tensor, x_hard: Tensor) -> tuple[Tensor, Tensor]:
+        """``(soft output, hard output)``; one ``dual_conv`` launch for a shared input where dispatch picks
+        Triton, else the two computations of :meth:`forward`."""
         conv = self.module
-        if path != "hard":
-            y = conv(x)
-        else:
-            sel_out = self.state.selections[self.spec.out_layout]
-            weight = select(conv.weight, 0, sel_out)
-            groups = conv.groups
-            if self.spec.depthwise:
-                groups = _count(sel_out, conv.out_channels)
-            elif groups == 1:
-                weight = select(weight, 1, self.state.selections[self.spec.in_layout])
-            y = _conv(conv, x, weight, select(conv.bias, 0, sel_out), groups)
-        if path == "soft" and self.spec.gate:
+        if x_soft is x_hard and self._dual_kernel_fits() and \
+                dispatch.choose(_DUAL_CONV_OP, x_soft.device, ("triton",)) == "triton":
+            from .kernels import dual_conv as kernel  # imports triton: only once it was chosen
+
+            return kernel.dual_conv(x_soft, conv.weight, conv.bias, self._soft_gate(), self._sel_out(), conv.stride,
+                                    conv.padding, conv.dilation)
+        return self._soft(x_soft), self._hard(x_hard)
+
+    def _dual_kernel_fits(self) -> bool:
+        """Whether ``dual_conv`` computes this layer: a 2-D convolution, one group, zero padding given as
+        numbers, all input channels on the hard path (the input is shared)."""
+        conv = self.module
+        return (conv.weight.dim() == 4 and conv.groups == 1 and not self.spec.depthwise
+                and conv.padding_mode == "zeros" and not isinstance(conv.padding, str)
+                and self.state.selections[self.spec.in_layout] is None)
+
+    def _sel_out(self) -> Selection:
+        return self.state.selections[self.spec.out_layout]
+
+    def _soft(self, x: Tensor) -> Tensor:
+        y = self.module(x)
+        if self.spec.gate:
             y = y * self.state.gates[self.spec.out_layout].view(_gate_shape(y.dim(), 1))
         return y
+
+    def _hard(self, x: Tensor) -> Tensor:
+        conv = self.module
+        sel_out = self._sel_out()
+        weight = select(conv.weight, 0, sel_out)
+        groups = conv.groups
+        if self.spec.depthwise:
+            groups = _count(sel_out, conv.out_channels)
+        elif groups == 1:
+            weight = select(weight, 1, self.state.selections[self.spec.in_layout])
+        return _conv(conv, x, weight, select(conv.bias, 0, sel_out), groups)
 
 
 def _conv(conv: nn.Module, x: Tensor, weight: Tensor, bias: Optional[Tensor], groups: int) -> Tensor:
@@ -121,16 +161,34 @@ class GatedLinear(_Wrapper):
 
     def forward(self, x: Tensor) -> Tensor:
         path = self.state.path
-        lin = self.module
-        if path != "hard":
-            y = lin(x)
-        else:
-            sel_out = self.state.selections[self.spec.out_layout]
-            weight = select(select(lin.weight, 0, sel_out), 1, self.state.selections[self.spec.in_layout])
-            y = F.linear(x, weight, select(lin.bias, 0, sel_out))
-        if path == "soft" and self.spec.gate:
+        if path == "hard":
+            return self._hard(x)
+        if path == "soft":
+            return self._soft(x)
+        return self.module(x)
+
+    def dual(self, x_soft: Tensor, x_hard: Tensor) -> tuple[Tensor, Tensor]:
+        """``(soft output, hard output)``; one ``dual_linear`` launch where dispatch picks Triton, else the two
+        computations of :meth:`forward`."""
+        if dispatch.choose(_DUAL_LINEAR_OP, x_soft.device, ("triton",)) == "triton":
+            from .kernels import dual_linear as kernel  # imports triton: only once it was chosen
+
+            lin, sel = self.module, self.state.selections
+            return kernel.dual_linear(x_soft, x_hard, lin.weight, lin.bias, self._soft_gate(),
+                                      sel[self.spec.in_layout], sel[self.spec.out_layout])
+        return self._soft(x_soft), self._hard(x_hard)
+
+    def _soft(self, x: Tensor) -> Tensor:
+        y = self.module(x)
+        if self.spec.gate:
             y = y * self.state.gates[self.spec.out_layout]
         return y
+
+    def _hard(self, x: Tensor) -> Tensor:
+        lin = self.module
+        sel_out = self.state.selections[self.spec.out_layout]
+        weight = select(select(lin.weight, 0, sel_out), 1, self.state.selections[self.spec.in_layout])
+        return F.linear(x, weight, select(lin.bias, 0, sel_out))
 
 
 class GatedNorm(_Wrapper):
@@ -155,6 +213,15 @@ class GatedNorm(_Wrapper):
         if path == "soft":
             return self._soft(x, self.state.gates[self.spec.out_layout])
         return self._hard(x, self.state.selections[self.spec.out_layout])
+
+    def dual(self, x_soft: Tensor, x_hard: Tensor) -> tuple[Tensor, Tensor]:
+        """``(soft output, hard output)``: the soft and then the hard computation of :meth:`forward` (each
+        path updates its own running statistics)."""
+        if self.spec.gate:
+            y_soft = self._soft(x_soft, self.state.gates[self.spec.out_layout])
+        else:
+            y_soft = self.module(x_soft)
+        return y_soft, self._hard(x_hard, self.state.selections[self.spec.out_layout])
 
     def _soft(self, x: Tensor, gate: Tensor) -> Tensor:
         m = self.module
@@ -183,6 +250,8 @@ class GatedNorm(_Wrapper):
 
 
 _BN_OP = "bn_gate_act"
+_DUAL_LINEAR_OP = "dual_linear"
+_DUAL_CONV_OP = "dual_conv"
 
 
 def _bn_impl(x: Tensor) -> str:

@@ -96,11 +96,15 @@ class S2HPruner(TwoPathNetwork):
         cfg = self.config
         keep, widths = self.gates()
         self.prepare_soft(keep)
-        soft = self.run("soft", *inputs)
-        hard = None
-        if cfg.kd != "none":
+        if cfg.fused_paths and cfg.kd != "none":
             self.prepare_hard()
-            hard = self.run("hard", *inputs)
+            soft, hard = self.run_dual(*inputs)
+        else:
+            soft = self.run("soft", *inputs)
+            hard = None
+            if cfg.kd != "none":
+                self.prepare_hard()
+                hard = self.run("hard", *inputs)
         grads = logit_gradients(soft, hard, y, cfg.alpha, cfg.kd_temperature)
         flops_loss, ratio = self.flops_loss(widths)
         if self.mask_logits.numel():
