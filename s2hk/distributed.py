@@ -14,20 +14,33 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["is_distributed", "rank", "world_size", "all_reduce_mean_", "broadcast_", "init_from_env",
-           "shard_batch"]
+__all__ = ["is_distributed", "rank", "world_size", "is_rank0", "local_rank", "all_reduce_mean_", "broadcast_",
+           "init_from_env", "barrier", "shutdown", "shard_batch"]
 
 
 def is_distributed() -> bool:
+    """True inside an initialised process group of more than one rank."""
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def rank() -> int:
+    """This process's rank (0 outside a process group)."""
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 def world_size() -> int:
+    """Number of ranks (1 outside a process group)."""
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def is_rank0() -> bool:
+    """True in the process that writes files and prints (rank 0, or the only process)."""
+    return rank() == 0
+
+
+def local_rank() -> int:
+    """This process's index on its machine (torchrun's LOCAL_RANK; 0 outside torchrun)."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
 
 
 def all_reduce_mean_(tensors: Iterable[Optional[Tensor]]) -> None:
@@ -66,6 +79,18 @@ def init_from_env(backend: Optional[str] = None) -> bool:
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     return True
+
+
+def barrier() -> None:
+    """Wait until every rank gets here (nothing to wait for in one process)."""
+    if is_distributed():
+        dist.barrier()
+
+
+def shutdown() -> None:
+    """Destroy the default process group if one was initialised."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def shard_batch(x, y: Tensor):

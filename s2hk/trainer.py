@@ -1,28 +1,37 @@
-"""A thin training loop for any s2hk pruner: schedule, progress, evaluation, checkpoints, export.
+"""A thin training loop for any s2hk pruner: schedule, progress, evaluation, checkpoints.
 
 The loop only needs the pruner's common surface: ``train_step(x, y, optimizer) -> dict``,
 ``weight_parameters()``, ``evaluate(batches)``, ``recalibrate_bn(batches, n)``, ``pruning_state()`` /
-``load_pruning_state()``, ``set_phase(phase)`` and optionally ``on_epoch_end()``. Resuming from a
-checkpoint continues bit-identically: weights, masks, both optimisers, the lr schedule, every RNG and the
-position in the (deterministic) data order are restored.
+``load_pruning_state()``, ``set_phase(phase)``, ``flops(kind)`` and optionally ``on_epoch_end()`` and
+``refresh_plan()``.
+
+Resuming from a checkpoint continues bit-identically: weights, masks, both optimisers, the lr schedule, every
+RNG and the position in the (deterministic) data order are restored, and the metric records written after
+the checkpoint by the interrupted run are dropped before they are written again.
+
+Data-parallel runs (``torchrun``, see :mod:`s2hk.distributed`): every rank builds the same global batch,
+trains on its shard of it, and starts from rank 0's weights and mask logits; evaluation is split over the
+ranks and summed, so every rank gets the same result. Only rank 0 writes files and shows progress.
 """
 from __future__ import annotations
 
 import json
 import math
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
-from .checkpoint import (CheckpointError, capture_rng_state, checkpoint_path, latest_checkpoint, load_checkpoint,
-                         restore_rng_state, rotate_checkpoints, save_checkpoint)
+from . import distributed as dist_utils
+from .checkpoint import (CheckpointError, capture_rng_state, checkpoint_path, latest_checkpoint, list_checkpoints,
+                         load_checkpoint, restore_rng_state, rotate_checkpoints, save_checkpoint)
 from .metrics import MetricsLogger
 
 __all__ = ["TrainConfig", "Trainer", "cosine_schedule"]
+
+_STATE_KEYS = frozenset({"model", "pruning", "optimizer", "scheduler", "epoch", "batch", "step", "rng"})
 
 
 @dataclass
@@ -36,7 +45,7 @@ class TrainConfig:
             evaluation.
         checkpoint_every: also save every this many steps (0: only at epoch ends).
         keep_last: checkpoints kept in the run folder.
-        progress: show a progress bar.
+        progress: show a progress bar (rank 0 only).
         max_steps_per_epoch: cap on steps per epoch (0: the whole epoch); for smoke runs.
     """
 
@@ -54,6 +63,11 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.schedule not in ("cosine", "constant"):
             raise ValueError(f"schedule must be 'cosine' or 'constant', got {self.schedule!r}")
+        for name in ("recalibrate_batches", "checkpoint_every", "max_steps_per_epoch"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.keep_last < 1:
+            raise ValueError(f"keep_last must be >= 1, got {self.keep_last}")
 
 
 def cosine_schedule(total_steps: int) -> Callable[[int], float]:
@@ -66,164 +80,361 @@ class Trainer:
 
     Args:
         pruner: an s2hk pruner (e.g. :class:`s2hk.S2HPruner`).
-        train_loader, val_loader: s2hk loaders (deterministic; ``set_epoch`` / ``iter_from``).
+        train_loader, val_loader: s2hk loaders (deterministic; ``set_epoch`` / ``iter_from`` / ``batch``).
         epochs: number of epochs.
         phase_of: epoch -> phase name passed to ``pruner.set_phase`` (default: the pruner config's phases).
         config: a :class:`TrainConfig`.
-        out_dir: run folder for metrics, checkpoints, the resolved config and the exported model.
-        run_config: the resolved configuration written to ``out_dir/config.json``.
+        out_dir: run folder for ``metrics.jsonl``, ``epochs.csv``, ``config.json`` and ``checkpoints/``.
+        run_config: the resolved configuration, written to ``out_dir/config.json`` and into every checkpoint.
+        resume_ignore: keys of ``run_config`` that may differ when resuming (paths, thread counts, ...); any
+            other difference between the checkpoint's settings and ``run_config`` refuses the checkpoint.
     """
 
     def __init__(self, pruner: nn.Module, train_loader: Any, val_loader: Any, epochs: int,
                  phase_of: Optional[Callable[[int], str]] = None, config: Optional[TrainConfig] = None,
-                 out_dir: Optional[str | Path] = None, run_config: Optional[dict] = None) -> None:
+                 out_dir: Optional[str | Path] = None, run_config: Optional[dict] = None,
+                 resume_ignore: Iterable[str] = ()) -> None:
         self.pruner = pruner
         self.train_loader = train_loader
         self.val_loader = val_loader
-        self.epochs = epochs
+        self.epochs = int(epochs)
         self.config = config or TrainConfig()
-        if phase_of is None:
-            cfg = getattr(pruner, "config", None)
-            phase_of = cfg.phase if hasattr(cfg, "phase") else (lambda epoch: "joint")
-        self.phase_of = phase_of
+        self.phase_of = phase_of or _default_phases(pruner)
         self.out_dir = Path(out_dir) if out_dir is not None else None
-        self.run_config = run_config or {}
+        self.run_config = dict(run_config or {})
+        self.resume_ignore = frozenset(resume_ignore)
         self.optimizer = torch.optim.SGD(pruner.weight_parameters(), lr=self.config.lr,
                                          momentum=self.config.momentum, nesterov=self.config.nesterov,
                                          weight_decay=self.config.weight_decay)
         self.steps_per_epoch = len(train_loader)
         if self.config.max_steps_per_epoch:
             self.steps_per_epoch = min(self.steps_per_epoch, self.config.max_steps_per_epoch)
-        total = epochs * self.steps_per_epoch
-        factor = cosine_schedule(total) if self.config.schedule == "cosine" else (lambda step: 1.0)
+        self.total_steps = self.epochs * self.steps_per_epoch
+        factor = cosine_schedule(self.total_steps) if self.config.schedule == "cosine" else _constant
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
         self.epoch, self.batch, self.step = 0, 0, 0
         self.history: list[dict] = []
+        self.resumed_from: Optional[Path] = None
         self.device = pruner.mask_logits.device
 
     # ------------------------------------------------------------------ checkpoints
+    @property
+    def checkpoint_dir(self) -> Optional[Path]:
+        """``out_dir/checkpoints`` (None without a run folder)."""
+        return self.out_dir / "checkpoints" if self.out_dir is not None else None
+
     def state(self) -> dict:
+        """Everything a bit-identical resume needs, as plain data for :func:`s2hk.checkpoint.save_checkpoint`."""
         return {"model": self.pruner.model.state_dict(), "pruning": self.pruner.pruning_state(),
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "epoch": self.epoch, "batch": self.batch, "step": self.step, "rng": capture_rng_state(),
                 "history": self.history, "config": self.run_config}
 
     def save(self) -> Optional[Path]:
-        if self.out_dir is None or not _is_rank0():
+        """Write a checkpoint of the current step (rank 0 only) and drop the oldest beyond ``keep_last``."""
+        if self.checkpoint_dir is None or not dist_utils.is_rank0():
             return None
-        path = checkpoint_path(self.out_dir / "checkpoints", self.step)
+        path = checkpoint_path(self.checkpoint_dir, self.step)
         save_checkpoint(path, self.state())
-        rotate_checkpoints(self.out_dir / "checkpoints", self.config.keep_last)
+        rotate_checkpoints(self.checkpoint_dir, self.config.keep_last)
         return path
 
     def load(self, path: str | Path) -> None:
-        """Restore a checkpoint written by :meth:`save`; refuses one from another model or method."""
+        """Restore a checkpoint written by :meth:`save`.
+
+        Raises:
+            CheckpointError: the file is damaged or foreign, was written for another model or method, or by
+                a run with other settings (see ``resume_ignore``).
+        """
         state = load_checkpoint(path)
-        missing = {"model", "pruning", "optimizer", "scheduler", "epoch", "batch", "step", "rng"} - set(state)
+        missing = _STATE_KEYS - set(state)
         if missing:
-            raise CheckpointError(path, f"not a training checkpoint (missing {sorted(missing)})")
+            raise CheckpointError(path, f"not an s2hk training checkpoint (missing {sorted(missing)})")
+        self._check_same_run(path, state.get("config") or {})
         try:
             self.pruner.model.load_state_dict(state["model"], strict=True)
             self.pruner.load_pruning_state(state["pruning"])
             self.optimizer.load_state_dict(state["optimizer"])
-        except (RuntimeError, ValueError, KeyError) as err:
-            raise CheckpointError(path, f"does not match this model and method ({err})") from err
-        self.scheduler.load_state_dict(state["scheduler"])
+            self.scheduler.load_state_dict(state["scheduler"])
+        except (RuntimeError, ValueError, KeyError, TypeError) as err:
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise CheckpointError(path, f"was written for another model or method ({reason})") from err
         self.epoch, self.batch, self.step = int(state["epoch"]), int(state["batch"]), int(state["step"])
         self.history = list(state.get("history", []))
         restore_rng_state(state["rng"])
 
+    def _check_same_run(self, path: str | Path, saved: dict) -> None:
+        """Refuse a checkpoint whose run settings differ from ours outside ``resume_ignore``."""
+        if not saved or not self.run_config:
+            return
+        keys = sorted((set(saved) | set(self.run_config)) - self.resume_ignore)
+        diffs = [f"{k}: {saved.get(k)!r} -> {self.run_config.get(k)!r}" for k in keys
+                 if saved.get(k) != self.run_config.get(k)]
+        if diffs:
+            raise CheckpointError(path, "was written by a run with other settings (" + "; ".join(diffs) +
+                                  "); resume with the same settings, or start a new run in another folder "
+                                  "or without resuming")
+
     def resume_if_possible(self) -> Optional[Path]:
-        if self.out_dir is None:
-            return None
-        path = latest_checkpoint(self.out_dir / "checkpoints")
+        """Load the newest checkpoint of the run folder, if any; returns its path."""
+        path = latest_checkpoint(self.checkpoint_dir) if self.checkpoint_dir is not None else None
         if path is not None:
             self.load(path)
+        self.resumed_from = path
         return path
+
+    def discard_checkpoints(self) -> None:
+        """Delete the run folder's checkpoints (rank 0), so a run started over never resumes an old one."""
+        if self.checkpoint_dir is None or not dist_utils.is_rank0():
+            return
+        for path in list_checkpoints(self.checkpoint_dir):
+            path.unlink(missing_ok=True)
+
+    # ------------------------------------------------------------------ data parallel
+    def synchronize_initial_state(self) -> None:
+        """Give every rank rank 0's weights, buffers and mask logits, then rebuild the hard plan from them."""
+        if not dist_utils.is_distributed():
+            return
+        dist_utils.broadcast_(_unique(list(self.pruner.parameters()) + list(self.pruner.buffers())))
+        refresh = getattr(self.pruner, "refresh_plan", None)
+        if refresh is not None:
+            refresh()
+
+    def _average_buffers(self) -> None:
+        """Average the model's floating-point buffers (BatchNorm running statistics) over the ranks."""
+        if dist_utils.is_distributed():
+            dist_utils.all_reduce_mean_([b for b in self.pruner.model.buffers() if b.is_floating_point()])
 
     # ------------------------------------------------------------------ loop
     def fit(self, resume: bool = True, stop_after_steps: Optional[int] = None) -> dict:
-        """Train to the end (or ``stop_after_steps`` more steps, for tests of interruption); returns the final
-        evaluation (soft/hard accuracy, gap, FLOPs)."""
+        """Train to the end and return the final evaluation (soft/hard accuracy, gap, FLOPs ratio).
+
+        Args:
+            resume: continue from the run folder's newest checkpoint; False starts over (deleting them).
+            stop_after_steps: return ``{}`` after this many more steps (simulates an interruption in tests).
+        """
         if resume:
             self.resume_if_possible()
-        if self.out_dir is not None and _is_rank0():
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            (self.out_dir / "config.json").write_text(json.dumps(
-                {**self.run_config, "train": asdict(self.config), "epochs": self.epochs}, indent=1, default=str))
+        else:
+            self.discard_checkpoints()
+        self.synchronize_initial_state()
+        self._write_config()
+        self._announce_resume()
         logger = MetricsLogger(self.out_dir, resume_step=self.step) if self.out_dir is not None else None
-        steps_left = stop_after_steps
+        budget = [stop_after_steps]
         try:
             while self.epoch < self.epochs:
-                self.pruner.set_phase(self.phase_of(self.epoch))
-                self.pruner.train()
-                self.train_loader.set_epoch(self.epoch)
-                bar = _progress(self.config.progress and _is_rank0(), self.steps_per_epoch, self.batch,
-                                f"epoch {self.epoch + 1}/{self.epochs}")
-                for x, y in self.train_loader.iter_from(self.epoch, self.batch):
-                    if self.batch >= self.steps_per_epoch:
-                        break
-                    if steps_left is not None and steps_left <= 0:
-                        return {}
-                    metrics = self.pruner.train_step(_to(x, self.device), y.to(self.device), self.optimizer)
-                    self.scheduler.step()
-                    self.batch += 1
-                    self.step += 1
-                    if steps_left is not None:
-                        steps_left -= 1
-                    if logger is not None:
-                        logger.log("step", epoch=self.epoch, step=self.step, lr=self.optimizer.param_groups[0]["lr"],
-                                   **metrics)
-                    if bar is not None:
-                        bar.update(1)
-                        bar.set_postfix(_postfix(metrics), refresh=False)
-                    if self.config.checkpoint_every and self.step % self.config.checkpoint_every == 0:
-                        self.save()
-                if bar is not None:
-                    bar.close()
-                on_epoch_end = getattr(self.pruner, "on_epoch_end", None)
-                if on_epoch_end is not None:
-                    on_epoch_end()
-                result = self.evaluate()
-                record = {"epoch": self.epoch + 1, "step": self.step, "phase": self.phase_of(self.epoch), **result}
-                self.history.append(record)
-                if logger is not None:
-                    logger.log("epoch", **record)
-                self.epoch += 1
-                self.batch = 0
-                self.save()
+                if not self._train_epoch(logger, budget):
+                    return {}
+                self._finish_epoch(logger)
         finally:
             if logger is not None:
                 logger.close()
         return self.history[-1] if self.history else self.evaluate()
 
+    def _train_epoch(self, logger: Optional[MetricsLogger], budget: list[Optional[int]]) -> bool:
+        """Run the rest of the current epoch; False when the step budget ran out first."""
+        self.pruner.set_phase(self.phase_of(self.epoch))
+        self.pruner.train()
+        self.train_loader.set_epoch(self.epoch)
+        bar = _progress(self.config.progress and dist_utils.is_rank0(), self.steps_per_epoch, self.batch,
+                        f"epoch {self.epoch + 1}/{self.epochs} {self.phase_of(self.epoch)}")
+        try:
+            for x, y in self._epoch_batches():
+                if budget[0] is not None:
+                    if budget[0] <= 0:
+                        return False
+                    budget[0] -= 1
+                metrics = self._train_step(x, y)
+                if logger is not None:
+                    logger.log("step", epoch=self.epoch, step=self.step, lr=self.optimizer.param_groups[0]["lr"],
+                               **metrics)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(_postfix(metrics), refresh=False)
+                if self.config.checkpoint_every and self.step % self.config.checkpoint_every == 0:
+                    self.save()
+        finally:
+            if bar is not None:
+                bar.close()
+        return True
+
+    def _epoch_batches(self) -> Iterator[tuple[Any, Tensor]]:
+        """The global batches of the current epoch from the resume position, capped at ``steps_per_epoch``."""
+        if self.batch >= self.steps_per_epoch:
+            return
+        for x, y in self.train_loader.iter_from(self.epoch, self.batch):
+            yield x, y
+            if self.batch >= self.steps_per_epoch:
+                return
+
+    def _train_step(self, x: Any, y: Tensor) -> dict:
+        """One optimisation step on this rank's shard of the global batch; returns rank-averaged metrics."""
+        x, y = dist_utils.shard_batch(x, y)
+        metrics = self.pruner.train_step(_to(x, self.device), y.to(self.device), self.optimizer)
+        self.scheduler.step()
+        self.batch += 1
+        self.step += 1
+        return _mean_over_ranks(metrics, self.device)
+
+    def _finish_epoch(self, logger: Optional[MetricsLogger]) -> None:
+        """End-of-epoch hook, evaluation, epoch record and checkpoint."""
+        on_epoch_end = getattr(self.pruner, "on_epoch_end", None)
+        if on_epoch_end is not None:
+            on_epoch_end()
+        result = self.evaluate()
+        record = {"epoch": self.epoch + 1, "step": self.step, "phase": self.phase_of(self.epoch), **result}
+        self.history.append(record)
+        if logger is not None:
+            logger.log("epoch", **record)
+        if self.config.progress and dist_utils.is_rank0():
+            _write_line(_epoch_line(record, self.epochs))
+        self.epoch += 1
+        self.batch = 0
+        self.save()
+
+    def _write_config(self) -> None:
+        """Write the resolved configuration to ``out_dir/config.json`` (rank 0)."""
+        if self.out_dir is None or not dist_utils.is_rank0():
+            return
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        resolved = {**self.run_config, "train": asdict(self.config), "epochs": self.epochs,
+                    "steps_per_epoch": self.steps_per_epoch}
+        (self.out_dir / "config.json").write_text(json.dumps(resolved, indent=1, default=str) + "\n")
+
+    def _announce_resume(self) -> None:
+        """Say where a resumed run continues from (rank 0, with progress on)."""
+        if self.resumed_from is not None and self.config.progress and dist_utils.is_rank0():
+            _write_line(f"resuming from {self.resumed_from} (epoch {min(self.epoch + 1, self.epochs)}/"
+                        f"{self.epochs}, step {self.step}/{self.total_steps})")
+
+    # ------------------------------------------------------------------ evaluation
     def evaluate(self) -> dict:
-        """Recalibrate the hard path's BN statistics, then soft and hard accuracy, gap and FLOPs ratio."""
-        started = time.perf_counter()
-        calib = (batch for i, batch in zip(range(self.config.recalibrate_batches), self.train_loader.iter_from(0, 0)))
-        self.pruner.recalibrate_bn(calib, self.config.recalibrate_batches)
-        out = self.pruner.evaluate(self.val_loader)
+        """Recalibrate the hard path's BN statistics, then soft and hard accuracy, gap and FLOPs ratio.
+
+        The result holds no wall-clock values, so the metric records of a resumed run equal an uninterrupted
+        run's exactly.
+        """
+        self._average_buffers()
+        self.pruner.recalibrate_bn(self._calibration_batches(), self.config.recalibrate_batches)
+        out = self._evaluate_paths()
         out["hard_flops_ratio"] = self.pruner.flops("hard") / self.pruner.flops("full")
-        target = getattr(getattr(self.pruner, "config", None), "target_flops", None)
-        if target is not None:
-            out["target_flops"] = target
-        out["eval_seconds"] = time.perf_counter() - started
+        cfg = getattr(self.pruner, "config", None)
+        if getattr(cfg, "target_flops", None) is not None:
+            out["target_flops"] = cfg.target_flops
+        if getattr(cfg, "tolerance", None) is not None:
+            out["flops_tolerance"] = cfg.tolerance
         return out
+
+    def _calibration_batches(self) -> Iterator[tuple[Any, Tensor]]:
+        """The first ``recalibrate_batches`` global training batches of epoch 0 (the same on every rank)."""
+        for _, batch in zip(range(self.config.recalibrate_batches), self.train_loader.iter_from(0, 0)):
+            yield batch
+
+    def _evaluate_paths(self) -> dict:
+        """``pruner.evaluate`` over the validation set; in a data-parallel run each rank takes every
+        ``world_size``-th batch and the correct counts are summed."""
+        if not dist_utils.is_distributed():
+            return self.pruner.evaluate(self.val_loader)
+        counted = _Counted(self._rank_val_batches())
+        local = self.pruner.evaluate(counted)
+        keys = sorted(k for k in local if k.endswith("_acc"))
+        totals = torch.tensor([local[k] * counted.images for k in keys] + [float(counted.images)],
+                              dtype=torch.float64, device=self.device)
+        dist_utils.all_reduce_mean_([totals])
+        totals *= dist_utils.world_size()
+        images = max(round(float(totals[-1])), 1)
+        out = {k: round(v) / images for k, v in zip(keys, totals[:-1].tolist())}
+        if "soft_acc" in out and "hard_acc" in out:
+            out["gap"] = out["soft_acc"] - out["hard_acc"]
+        return out
+
+    def _rank_val_batches(self) -> Iterator[tuple[Any, Tensor]]:
+        """This rank's validation batches: indices ``rank, rank + world_size, ...``."""
+        rank, size = dist_utils.rank(), dist_utils.world_size()
+        if hasattr(self.val_loader, "batch"):
+            for i in range(rank, len(self.val_loader), size):
+                yield self.val_loader.batch(0, i)
+            return
+        for i, batch in enumerate(self.val_loader):
+            if i % size == rank:
+                yield batch
+
+
+class _Counted:
+    """Iterate ``batches`` and count the images seen (``images``)."""
+
+    def __init__(self, batches: Iterable[tuple[Any, Tensor]]) -> None:
+        self.batches = batches
+        self.images = 0
+
+    def __iter__(self) -> Iterator[tuple[Any, Tensor]]:
+        for x, y in self.batches:
+            self.images += int(y.shape[0])
+            yield x, y
+
+
+def _default_phases(pruner: nn.Module) -> Callable[[int], str]:
+    """The pruner config's epoch -> phase map, or "joint" throughout."""
+    cfg = getattr(pruner, "config", None)
+    return cfg.phase if hasattr(cfg, "phase") else (lambda epoch: "joint")
+
+
+def _constant(step: int) -> float:
+    """lr multiplier of the constant schedule."""
+    return 1.0
+
+
+def _unique(tensors: list[Tensor]) -> list[Tensor]:
+    """``tensors`` without repeats (shared parameters appear once), order kept."""
+    seen: set[int] = set()
+    out = []
+    for t in tensors:
+        if id(t) not in seen:
+            seen.add(id(t))
+            out.append(t)
+    return out
+
+
+def _mean_over_ranks(metrics: dict, device: torch.device) -> dict:
+    """Average a step's float metrics over the ranks (one small all-reduce on ``device``, which nccl needs to
+    be a GPU; identity in one process)."""
+    if not dist_utils.is_distributed() or not metrics:
+        return metrics
+    keys = list(metrics)  # the same insertion order on every rank: train_step builds the dict identically
+    values = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64, device=device)
+    dist_utils.all_reduce_mean_([values])
+    return dict(zip(keys, values.tolist()))
 
 
 def _to(x: Any, device: torch.device) -> Any:
+    """Move a tensor or a tuple of tensors to ``device``."""
     if isinstance(x, (tuple, list)):
         return tuple(t.to(device) for t in x)
     return x.to(device)
 
 
 def _postfix(metrics: dict) -> dict:
+    """The progress bar's short fields: loss, soft/hard batch accuracy, hard FLOPs ratio."""
     keys = {"loss": "loss", "soft_acc": "soft", "hard_acc": "hard", "hard_flops_ratio": "flops"}
     return {short: f"{metrics[k]:.3f}" for k, short in keys.items()
             if k in metrics and not math.isnan(metrics[k])}
 
 
-def _progress(enabled: bool, total: int, initial: int, desc: str):
+def _epoch_line(record: dict, epochs: int) -> str:
+    """One line per finished epoch: phase, soft and hard accuracy, gap, FLOPs ratio against the target."""
+    def pct(key: str) -> str:
+        value = record.get(key)
+        return "n/a" if value is None else f"{100 * value:.2f}%"
+
+    target = record.get("target_flops")
+    flops = f"FLOPs {record['hard_flops_ratio']:.3f}" + (f" (target {target:.3f})" if target is not None else "")
+    return (f"epoch {record['epoch']}/{epochs} {record['phase']}: soft {pct('soft_acc')}, hard {pct('hard_acc')}, "
+            f"gap {pct('gap')}, {flops}")
+
+
+def _progress(enabled: bool, total: int, initial: int, desc: str) -> Any:
+    """A tqdm bar for one epoch, or None when progress is off."""
     if not enabled:
         return None
     from tqdm.auto import tqdm
@@ -231,6 +442,8 @@ def _progress(enabled: bool, total: int, initial: int, desc: str):
     return tqdm(total=total, initial=initial, desc=desc, leave=False, dynamic_ncols=True)
 
 
-def _is_rank0() -> bool:
-    return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or \
-        torch.distributed.get_rank() == 0
+def _write_line(text: str) -> None:
+    """Print a line without breaking an active progress bar."""
+    from tqdm.auto import tqdm
+
+    tqdm.write(text)

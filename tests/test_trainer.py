@@ -1,0 +1,252 @@
+"""s2hk.trainer: bit-identical resumption after an interruption, refused checkpoints, run-folder outputs."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from s2hk import S2HPruner
+from s2hk.checkpoint import CheckpointError, list_checkpoints, save_checkpoint
+from s2hk.data import make_loaders
+from s2hk.metrics import read_metrics
+from s2hk.trainer import TrainConfig, Trainer, cosine_schedule
+
+STEPS_PER_EPOCH = 8  # 128 synthetic images, batch 16
+EPOCHS = 4           # warm-up, two joint epochs, hard
+TOTAL_STEPS = EPOCHS * STEPS_PER_EPOCH
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Small ops crawl with two threads on a shared machine; restore the setting afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_model(width: int = 16) -> nn.Module:
+    """conv-BN-ReLU-conv-BN-ReLU-pool-linear: two prunable groups, BatchNorm on both paths."""
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.Conv2d(8, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, 10))
+
+
+def make_trainer(out_dir: Path | None, checkpoint_every: int = 0, width: int = 16,
+                 run_config: dict | None = None) -> Trainer:
+    """A fresh model, pruner, loaders and trainer, all seeded: two calls give identical runs."""
+    torch.manual_seed(0)
+    train, val = make_loaders("synthetic", batch_size=16, image_size=8, seed=0, train_size=128, val_size=64)
+    pruner = S2HPruner(tiny_model(width), torch.zeros(1, 3, 8, 8), target_flops=0.5, warmup_epochs=1,
+                       joint_epochs=2, hard_epochs=1)
+    config = TrainConfig(lr=0.05, progress=False, recalibrate_batches=2, checkpoint_every=checkpoint_every)
+    return Trainer(pruner, train, val, epochs=EPOCHS, config=config, out_dir=out_dir, run_config=run_config)
+
+
+def snapshot(trainer: Trainer) -> dict:
+    """What must match between an uninterrupted and a resumed run."""
+    return {"model": {k: v.clone() for k, v in trainer.pruner.model.state_dict().items()},
+            "mask_logits": trainer.pruner.mask_logits.detach().clone(),
+            "widths": trainer.pruner.hard_widths(), "history": trainer.history, "step": trainer.step}
+
+
+def assert_same_run(a: dict, b: dict) -> None:
+    assert a["step"] == b["step"] == TOTAL_STEPS
+    assert a["widths"] == b["widths"]
+    assert torch.equal(a["mask_logits"], b["mask_logits"])
+    assert a["model"].keys() == b["model"].keys()
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    assert a["history"] == b["history"]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> tuple[dict, Path]:
+    """The uninterrupted run: its final state and its run folder."""
+    out = tmp_path_factory.mktemp("reference")
+    trainer = make_trainer(out)
+    trainer.fit()
+    return snapshot(trainer), out
+
+
+def metric_lines(folder: Path) -> list[str]:
+    return (folder / "metrics.jsonl").read_text().splitlines()
+
+
+# ------------------------------------------------------------------ resumption
+
+@pytest.mark.parametrize("stop_after, checkpoint_every", [
+    (11, 3),   # killed mid joint epoch, two steps after a mid-epoch checkpoint
+    (16, 5),   # stopped at an epoch boundary: resumes from the epoch-end checkpoint of step 16
+    (27, 0),   # killed mid hard epoch; only the epoch-end checkpoint of step 24 exists
+])
+def test_resume_after_interruption_is_bit_identical(reference, tmp_path, stop_after, checkpoint_every):
+    ref_state, ref_dir = reference
+    first = make_trainer(tmp_path, checkpoint_every=checkpoint_every)
+    assert first.fit(stop_after_steps=stop_after) == {}
+    assert first.step == stop_after
+    # the interrupted run logged steps past its last checkpoint; resuming must not duplicate them
+    assert len([r for r in read_metrics(tmp_path, "step")]) == stop_after
+    assert list_checkpoints(tmp_path / "checkpoints")
+
+    resumed = make_trainer(tmp_path, checkpoint_every=checkpoint_every)
+    resumed.fit()
+    assert resumed.resumed_from is not None
+    assert_same_run(ref_state, snapshot(resumed))
+    assert metric_lines(tmp_path) == metric_lines(ref_dir)
+    assert (tmp_path / "epochs.csv").read_text() == (ref_dir / "epochs.csv").read_text()
+
+
+def test_resume_after_sigkill_is_bit_identical(reference, tmp_path):
+    """A separate process is killed (SIGKILL) inside a step; a fresh trainer here finishes the run."""
+    ref_state, ref_dir = reference
+    script = textwrap.dedent(f"""
+        import os, signal, sys
+        import torch
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        torch.set_num_threads(1)
+        from test_trainer import make_trainer
+        trainer = make_trainer({str(tmp_path)!r}, checkpoint_every=4)
+        step = trainer.pruner.train_step
+        def dying_step(*args):
+            if trainer.step == 14:  # inside step 15, after step 12's checkpoint
+                os.kill(os.getpid(), signal.SIGKILL)
+            return step(*args)
+        trainer.pruner.train_step = dying_step
+        trainer.fit()
+    """)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")][-1] == "checkpoint-000000012.pt"
+
+    resumed = make_trainer(tmp_path, checkpoint_every=4)
+    resumed.fit()
+    assert_same_run(ref_state, snapshot(resumed))
+    assert metric_lines(tmp_path) == metric_lines(ref_dir)
+
+
+def test_finished_run_resumes_to_its_result(reference, tmp_path):
+    first = make_trainer(tmp_path)
+    result = first.fit()
+    again = make_trainer(tmp_path)
+    assert again.fit() == result
+    assert again.step == TOTAL_STEPS
+    assert_same_run(reference[0], snapshot(again))
+
+
+def test_no_resume_starts_over(tmp_path):
+    make_trainer(tmp_path, checkpoint_every=4).fit(stop_after_steps=10)
+    trainer = make_trainer(tmp_path)
+    trainer.fit(resume=False, stop_after_steps=3)
+    assert trainer.resumed_from is None and trainer.step == 3
+    assert list_checkpoints(tmp_path / "checkpoints") == []
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3]
+
+
+# ------------------------------------------------------------------ refused checkpoints
+
+def write_checkpoints(folder: Path, steps: int = 8) -> Path:
+    make_trainer(folder).fit(stop_after_steps=steps + 1)  # the epoch-end checkpoint of step 8
+    return list_checkpoints(folder / "checkpoints")[-1]
+
+
+def test_truncated_checkpoint_is_refused_naming_the_file(tmp_path):
+    path = write_checkpoints(tmp_path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated") as info:
+        make_trainer(tmp_path).fit()
+    assert str(path) in str(info.value)
+
+
+def test_foreign_file_is_refused(tmp_path):
+    path = tmp_path / "checkpoints" / "checkpoint-000000005.pt"
+    path.parent.mkdir(parents=True)
+    torch.save({"model": tiny_model().state_dict()}, path)
+    with pytest.raises(CheckpointError, match="not an s2hk-checkpoint file") as info:
+        make_trainer(tmp_path).fit()
+    assert str(path) in str(info.value)
+
+
+def test_checkpoint_without_training_state_is_refused(tmp_path):
+    path = tmp_path / "checkpoints" / "checkpoint-000000005.pt"
+    save_checkpoint(path, {"model": tiny_model().state_dict()})
+    with pytest.raises(CheckpointError, match="not an s2hk training checkpoint") as info:
+        make_trainer(tmp_path).fit()
+    assert str(path) in str(info.value)
+
+
+def test_checkpoint_of_another_model_is_refused(tmp_path):
+    path = write_checkpoints(tmp_path)
+    with pytest.raises(CheckpointError, match="another model") as info:
+        make_trainer(tmp_path, width=24).fit()
+    assert str(path) in str(info.value)
+
+
+def test_checkpoint_of_a_run_with_other_settings_is_refused(tmp_path):
+    make_trainer(tmp_path, run_config={"target_flops": 0.5, "out": "a"}).fit(stop_after_steps=9)
+    with pytest.raises(CheckpointError, match=r"other settings \(target_flops: 0.5 -> 0.3\)"):
+        make_trainer(tmp_path, run_config={"target_flops": 0.3, "out": "a"}).fit()
+    trainer = make_trainer(tmp_path, run_config={"target_flops": 0.5, "out": "b"})
+    trainer.resume_ignore = frozenset({"out"})
+    trainer.fit(stop_after_steps=1)
+    assert trainer.step == 9
+
+
+# ------------------------------------------------------------------ outputs
+
+def test_run_folder_outputs(reference):
+    _, folder = reference
+    config = json.loads((folder / "config.json").read_text())
+    assert config["epochs"] == EPOCHS and config["steps_per_epoch"] == STEPS_PER_EPOCH
+    assert config["train"]["lr"] == 0.05 and config["train"]["progress"] is False
+    steps = read_metrics(folder, "step")
+    assert [r["step"] for r in steps] == list(range(1, TOTAL_STEPS + 1))
+    assert {"loss", "soft_acc", "hard_acc", "hard_flops_ratio", "lr"} <= set(steps[-1])
+    epochs = read_metrics(folder, "epoch")
+    assert [r["phase"] for r in epochs] == ["warmup", "joint", "joint", "hard"]
+    for record in epochs:
+        assert {"soft_acc", "hard_acc", "gap", "hard_flops_ratio", "target_flops", "flops_tolerance"} <= set(record)
+        assert record["gap"] == pytest.approx(record["soft_acc"] - record["hard_acc"])
+    with open(folder / "epochs.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4]
+    assert len(list_checkpoints(folder / "checkpoints")) == 2  # keep_last
+
+
+def test_pruning_moves_toward_the_target(reference):
+    history = reference[0]["history"]
+    assert history[0]["hard_flops_ratio"] == 1.0  # warm-up: dense
+    assert history[-1]["hard_flops_ratio"] < 0.8
+
+
+def test_without_run_folder_nothing_is_written(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    trainer = make_trainer(None)
+    result = trainer.fit(stop_after_steps=STEPS_PER_EPOCH + 1)
+    assert result == {} and list(tmp_path.iterdir()) == []
+    assert trainer.save() is None
+
+
+def test_train_config_validation():
+    with pytest.raises(ValueError, match="schedule"):
+        TrainConfig(schedule="linear")
+    with pytest.raises(ValueError, match="keep_last"):
+        TrainConfig(keep_last=0)
+    with pytest.raises(ValueError, match="checkpoint_every"):
+        TrainConfig(checkpoint_every=-1)
+
+
+def test_cosine_schedule_ends_at_zero():
+    f = cosine_schedule(10)
+    assert f(0) == 1.0 and f(5) == pytest.approx(0.5) and f(10) == pytest.approx(0.0) and f(20) == f(10)
