@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from . import models
 from .config import S2HConfig
+from .crsfp import CRSFPruner, SFPruner
 from .engine import TwoPathNetwork
 from .export import load_pruned, save_pruned
 from .flops import count_flops, count_macs
@@ -22,5 +23,5 @@ from .s2h import S2HPruner
 
 __version__ = "0.1.0"
 
-__all__ = ["S2HPruner", "S2HConfig", "TwoPathNetwork", "count_flops", "count_macs", "analyze",
-           "UnsupportedModelError", "save_pruned", "load_pruned", "models", "__version__"]
+__all__ = ["S2HPruner", "CRSFPruner", "SFPruner", "S2HConfig", "TwoPathNetwork", "count_flops", "count_macs",
+           "analyze", "UnsupportedModelError", "save_pruned", "load_pruned", "models", "__version__"]

@@ -36,6 +36,7 @@ DEFAULTS: dict[str, Any] = {
     "warmup_epochs": 2,
     "hard_epochs": 0,
     "target_flops": 0.35,
+    "prune_rate": 0.3,
     "lr": 0.05,
     "weight_decay": 5e-4,
     "seed": 0,
@@ -53,7 +54,7 @@ DEFAULTS: dict[str, Any] = {
 
 # Settings whose value type is not the type of their default.
 _NULLABLE_STR = {"data_root"}
-_FLOAT_SETTINGS = {"target_flops", "lr", "weight_decay"}
+_FLOAT_SETTINGS = {"target_flops", "prune_rate", "lr", "weight_decay"}
 _NON_NEGATIVE = {"warmup_epochs", "hard_epochs", "seed", "threads", "num_workers", "max_steps_per_epoch",
                  "recalibrate_batches", "checkpoint_every"}
 _POSITIVE = {"image_size", "batch_size", "epochs"}
@@ -65,7 +66,7 @@ RESUME_IGNORE = frozenset({"out", "progress", "resume", "threads", "device", "da
 # Method options given by their own flags (the training schedule), not by --set.
 _SCHEDULE_OPTIONS = {"target_flops", "warmup_epochs", "joint_epochs", "hard_epochs"}
 
-METHODS = ("s2h",)
+METHODS = ("s2h", "crsfp", "sfp")
 
 
 class UsageError(Exception):
@@ -153,6 +154,16 @@ def _check_method_options(cfg: dict) -> None:
     from .config import S2HConfig
 
     options = cfg["method_options"]
+    if cfg["method"] in ("crsfp", "sfp"):
+        from .crsfp import check_options
+
+        if not 0.0 <= cfg["prune_rate"] < 1.0:
+            raise UsageError(f"--prune-rate must be in [0, 1), got {cfg['prune_rate']}")
+        try:
+            check_options(cfg["method"], options)
+        except ValueError as err:
+            raise UsageError(f"method options: {_one_line(err)}") from err
+        return
     scheduled = sorted(set(options) & _SCHEDULE_OPTIONS)
     if scheduled:
         flags = ", ".join("--" + k.replace("_", "-") for k in scheduled if k != "joint_epochs")
@@ -231,6 +242,11 @@ def _build_pruner(cfg: dict, num_classes: int, channels: int, image_size: int, d
 
     model = _build_model(cfg["model"], num_classes).to(device)
     example = torch.zeros(1, channels, image_size, image_size, device=device)
+    if cfg["method"] in ("crsfp", "sfp"):
+        from .crsfp import CRSFPruner, SFPruner
+
+        cls = CRSFPruner if cfg["method"] == "crsfp" else SFPruner
+        return cls(model, example, prune_rate=cfg["prune_rate"], **cfg["method_options"])
     joint = cfg["epochs"] - cfg["warmup_epochs"] - cfg["hard_epochs"]
     return S2HPruner(model, example, target_flops=cfg["target_flops"], warmup_epochs=cfg["warmup_epochs"],
                      joint_epochs=joint, hard_epochs=cfg["hard_epochs"], **cfg["method_options"])
@@ -257,10 +273,13 @@ def _resolve_device(name: str) -> Any:
 
 
 def _make_loaders(cfg: dict, device: Any, val_batch_size: Optional[int] = None) -> tuple[Any, Any]:
-    """The run's deterministic (train, val) loaders; bad dataset names and sizes become UsageErrors."""
+    """The run's deterministic (train, val) loaders (two augmented views per image for crsfp); bad dataset
+    names and sizes become UsageErrors."""
     from .data import DatasetError, make_loaders
 
     extra: dict[str, Any] = {"device": device} if device.type == "cuda" else {}
+    if cfg.get("method") == "crsfp":
+        extra["two_views"] = True
     if val_batch_size is not None:
         extra["val_batch_size"] = val_batch_size
     try:
@@ -345,7 +364,8 @@ def _write_outputs(cfg: dict, pruner: Any, train: Any, result: dict, out: Path, 
         "input": f"1x{train.info.channels}x{train.image_size}x{train.image_size}",
         "dense_flops": 2 * dense_macs, "dense_macs": dense_macs,
         "pruned_flops": 2 * pruned_macs, "pruned_macs": pruned_macs,
-        "remaining_flops": pruned_macs / dense_macs, "target_flops": cfg["target_flops"],
+        "remaining_flops": pruned_macs / dense_macs,
+        "target_flops": cfg["target_flops"] if cfg["method"] == "s2h" else None,
         "soft_acc": result.get("soft_acc"), "hard_acc": result.get("hard_acc"), "gap": result.get("gap"),
         "epochs": cfg["epochs"], "world_size": cfg["world_size"],
         "wall_seconds": seconds, "out": str(out),
@@ -541,6 +561,8 @@ def _add_prune_parser(sub: Any) -> None:
     p.add_argument("--warmup-epochs", dest="warmup_epochs", type=int)
     p.add_argument("--hard-epochs", dest="hard_epochs", type=int)
     p.add_argument("--target-flops", dest="target_flops", type=float, help="remaining FLOPs ratio, e.g. 0.35")
+    p.add_argument("--prune-rate", dest="prune_rate", type=float,
+                   help="crsfp / sfp: fraction of every prunable group's channels masked, e.g. 0.3")
     p.add_argument("--lr", type=float)
     p.add_argument("--weight-decay", dest="weight_decay", type=float)
     p.add_argument("--seed", type=int)

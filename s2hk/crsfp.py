@@ -1,0 +1,409 @@
+"""CR-SFP and SFP on the two-path engine (ALGORITHMS.md §2).
+
+Soft filter pruning keeps, in every prunable channel group, the ``C - int(C * rate)`` most important
+channels (criterion ``l2``, ``fpgm`` or ``taylor``), re-ranked at construction and after every epoch; the
+others are *masked* until the next re-ranking, and may come back then.
+
+How masking maps onto the engine
+--------------------------------
+The pruned network (P-NN) of this module is the engine's *hard* path: the kept channels of every group are
+pinned with :meth:`~s2hk.engine.TwoPathNetwork.set_hard_widths`, and the hard path runs the physically narrow
+network (weights sliced to the kept channels). The reference network (R-NN) is the *dense* path on the same
+weights. Nothing is ever zeroed:
+
+- a masked filter takes no part in the P-NN forward, so it gets exactly zero gradient from the P-NN loss;
+- it keeps training through the R-NN loss, and is re-ranked at the next epoch end, so it can grow back.
+
+SFP zeroes the masked filters at every re-ranking and lets them regrow from zero. We skip the zeroing: the
+dense R-NN path keeps the masked filters trained (zeroing them would also damage the R-NN), so this equals
+SFP's "zero, then let regrow" up to the restart from zero. The P-NN is *defined* as the sliced network: its
+exported form (:meth:`CRSFPruner.export`) removes the masked channels entirely, so no BatchNorm constant of
+a removed channel reaches a residual sum and nothing needs folding -- exported == hard path by construction.
+
+FLOPs: channels are pruned per engine channel group. Convolutions whose outputs meet in a residual sum form
+one group, so such a group is pruned as a whole (``int(C * rate)`` channels removed from every conv of the
+group and from the shortcut), which is how the exported network can be physically smaller; groups the engine
+freezes (channels reaching the model output or coming from the input, ignored layers) are never pruned.
+:meth:`flops` gives the P-NN's exact count.
+
+CR-SFP adds a second classifier head for the P-NN (the R-NN keeps the model's own head; everything else,
+BatchNorm affine parameters included, is shared; each path keeps its own BatchNorm running statistics, as
+everywhere in the engine) and the loss
+
+    CE(z_P, y) + CE(z_R, y) + alpha / 2 [KL(sg(p_R) || p_P) + KL(sg(p_P) || p_R)]
+
+with the P-NN on view ``x1`` and the R-NN on view ``x2`` (temperature 1, batch-mean KL, ``sg`` = no gradient);
+``symmetric=True`` also runs the swapped views and averages the two losses. :class:`SFPruner` is plain SFP on
+this engine: ``alpha = 0`` and a single head shared by both paths.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any, Iterable, Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from .distributed import all_reduce_mean_
+from .engine import TwoPathNetwork
+from .layers import GatedLinear, select
+from .s2h import S2HPruner
+
+__all__ = ["CRSFPruner", "SFPruner", "CRITERIA", "check_options", "filter_scores"]
+
+CRITERIA = ("l2", "fpgm", "taylor")
+_OUTPUT_REASON = "reaches the model output"
+
+
+def check_options(method: str, options: dict) -> None:
+    """Refuse method options that ``method`` ("crsfp" or "sfp") does not take, or bad values; ValueError."""
+    known = {"criterion", "symmetric", "ignore"} | ({"alpha"} if method == "crsfp" else set())
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ValueError(f"unknown option(s) {unknown} for method {method!r}; known: {sorted(known)}")
+    if "criterion" in options and options["criterion"] not in CRITERIA:
+        raise ValueError(f"criterion must be one of {CRITERIA}, got {options['criterion']!r}")
+    if "alpha" in options:
+        alpha = options["alpha"]
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha >= 0:
+            raise ValueError(f"alpha must be a number >= 0, got {alpha!r}")
+    if "symmetric" in options and not isinstance(options["symmetric"], bool):
+        raise ValueError(f"symmetric must be true or false, got {options['symmetric']!r}")
+
+
+def filter_scores(weights: Sequence[Tensor], criterion: str, taylor: Optional[Sequence[Tensor]] = None) -> Tensor:
+    """Importance of the ``C`` channels produced by the layers of ``weights`` (each ``(C, ...)``), float64,
+    averaged over the layers: ``l2`` the filter's L2 norm; ``fpgm`` the sum of the filter's Euclidean
+    distances to the layer's other filters (filters near the geometric median score low); ``taylor`` the
+    accumulated ``|w * grad|`` given in ``taylor`` (one ``(C,)`` tensor per layer)."""
+    scores = []
+    for i, w in enumerate(weights):
+        flat = w.detach().reshape(w.shape[0], -1).to(torch.float64)
+        if criterion == "l2":
+            scores.append(flat.norm(dim=1))
+        elif criterion == "fpgm":
+            scores.append(torch.cdist(flat, flat).sum(dim=1))
+        elif criterion == "taylor":
+            scores.append(taylor[i].to(torch.float64))
+        else:
+            raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
+    return torch.stack(scores).mean(0)
+
+
+def kept_channels(scores: Tensor, rate: float) -> list[int]:
+    """The ``C - int(C * rate)`` highest-scoring channels (ties to the lower index), sorted."""
+    c = scores.numel()
+    keep = max(c - int(c * rate), 1)
+    order = torch.sort(-scores, stable=True).indices
+    return sorted(order[:keep].tolist())
+
+
+class _TwoHeadLinear(GatedLinear):
+    """The classifier's wrapper with a separate P-NN head: the dense path uses the model's own layer
+    (``module``), the hard path ``hard_module`` (same shapes, its own parameters)."""
+
+    def __init__(self, source: GatedLinear) -> None:
+        super().__init__(source.module, source.spec, source.state)
+        self.hard_module = copy.deepcopy(source.module)
+
+    def _hard(self, x: Tensor) -> Tensor:
+        lin = self.hard_module
+        sel_out = self.state.selections[self.spec.out_layout]
+        weight = select(select(lin.weight, 0, sel_out), 1, self.state.selections[self.spec.in_layout])
+        return F.linear(x, weight, select(lin.bias, 0, sel_out))
+
+    def dual(self, x_soft: Tensor, x_hard: Tensor) -> tuple[Tensor, Tensor]:
+        return self._soft(x_soft), self._hard(x_hard)
+
+
+class CRSFPruner(TwoPathNetwork):
+    """CR-SFP: soft filter pruning with a P-NN / R-NN pair and bidirectional KD (see the module docstring).
+
+    Args:
+        model: the network (trained in place; :meth:`export` gives the pruned P-NN).
+        example_inputs: one batch (or a batch of one) of the model's input, for tracing and FLOPs.
+        prune_rate: fraction ``int(C * rate)`` of every prunable group's channels that is masked.
+        criterion: "l2" (default), "fpgm" or "taylor" (``|w * grad|`` accumulated over the epoch; the
+            ranking at construction, before any gradient, falls back to l2).
+        alpha: weight of the KD terms (0: no KD).
+        symmetric: also train on the swapped views and average the two losses.
+        ignore: module or node names to keep dense.
+        two_heads: give the P-NN its own copy of the classifier (CR-SFP); False: both paths share the head.
+
+    Example::
+
+        pruner = CRSFPruner(model, torch.randn(1, 3, 32, 32), prune_rate=0.3)
+        opt = torch.optim.SGD(pruner.weight_parameters(), lr=0.1, momentum=0.9, nesterov=True)
+        for epoch in range(epochs):
+            for (x1, x2), y in loader:          # make_loaders(..., two_views=True)
+                pruner.train_step((x1, x2), y, opt)
+            pruner.on_epoch_end()               # re-rank: masked filters may come back
+        small = pruner.export()
+    """
+
+    def __init__(self, model: nn.Module, example_inputs: Any, prune_rate: float = 0.3, criterion: str = "l2",
+                 alpha: float = 1.0, symmetric: bool = False, ignore: Iterable[str] = (),
+                 two_heads: bool = True) -> None:
+        if criterion not in CRITERIA:
+            raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
+        if not 0.0 <= float(prune_rate) < 1.0:
+            raise ValueError(f"prune_rate must be in [0, 1), got {prune_rate}")
+        if not float(alpha) >= 0.0:
+            raise ValueError(f"alpha must be >= 0, got {alpha}")
+        super().__init__(model, example_inputs, ignore=ignore)
+        self.prune_rate = float(prune_rate)
+        self.criterion = criterion
+        self.alpha = float(alpha)
+        self.symmetric = bool(symmetric)
+        self.two_heads = bool(two_heads)
+        self.phase = "joint"
+        self.config = None
+        self.head_node: Optional[str] = self._find_head()
+        if self.two_heads:
+            if self.head_node is None:
+                raise ValueError("CR-SFP needs a Linear classifier whose output is the model output; none found "
+                                 "(use SFPruner, or two_heads=False)")
+            self._install_pnn_head()
+        # producers of every prunable group: (node name, slot, row offset, rows)
+        self._producers: list[tuple[str, int, int, int]] = []
+        for spec in self.analysis.layers.values():
+            if spec.kind == "norm":
+                continue
+            offset = 0
+            for seg in spec.out_layout:
+                slot = self._slot.get(seg.group)
+                if slot is not None:
+                    self._producers.append((spec.node, slot, offset, seg.size))
+                offset += seg.size
+        self._taylor: list[Tensor] = [torch.zeros(rows, dtype=torch.float64, device=self.ranks.device)
+                                      for _, _, _, rows in self._producers]
+        self._taylor_steps = 0
+        self.update_masks()
+
+    # ------------------------------------------------------------------ construction
+    def _find_head(self) -> Optional[str]:
+        """The last Linear call whose output channels reach the model output."""
+        head = None
+        for spec in self.analysis.layers.values():
+            if spec.kind == "linear" and spec.out_layout and all(
+                    _OUTPUT_REASON in self.groups[seg.group].frozen_reasons for seg in spec.out_layout):
+                head = spec.node
+        return head
+
+    def _install_pnn_head(self) -> None:
+        """Replace the classifier's wrapper in the traced module by one holding a P-NN copy of the head."""
+        node = next(n for n in self.graph_module.graph.nodes if n.op == "call_module" and n.name == self.head_node)
+        target = str(node.target)
+        old = self.graph_module.get_submodule(target)
+        if not isinstance(old, GatedLinear):
+            raise ValueError(f"classifier call '{self.head_node}' is not a linear layer wrapper")
+        new = _TwoHeadLinear(old)
+        parent_name, _, child = target.rpartition(".")
+        parent = self.graph_module.get_submodule(parent_name) if parent_name else self.graph_module
+        setattr(parent, child, new)
+        self.wrappers[self.head_node] = new
+
+    @property
+    def pnn_head(self) -> Optional[nn.Module]:
+        """The P-NN's classifier (None for a single head)."""
+        wrapper = self.wrappers.get(self.head_node) if self.head_node is not None else None
+        return getattr(wrapper, "hard_module", None)
+
+    # ------------------------------------------------------------------ masks
+    def _producer_weights(self) -> list[Tensor]:
+        return [self.wrappers[name].module.weight[offset:offset + rows] for name, _, offset, rows in self._producers]
+
+    def group_scores(self) -> list[Tensor]:
+        """Current importance (float64) of every prunable group's channels under the criterion."""
+        criterion = self.criterion
+        if criterion == "taylor" and self._taylor_steps == 0:
+            criterion = "l2"
+        weights = self._producer_weights()
+        out = []
+        for slot in range(len(self.prunable)):
+            idx = [i for i, p in enumerate(self._producers) if p[1] == slot]
+            out.append(filter_scores([weights[i] for i in idx], criterion, [self._taylor[i] for i in idx]))
+        return out
+
+    @torch.no_grad()
+    def update_masks(self) -> dict[str, list[int]]:
+        """Re-rank every prunable group and pin its ``C - int(C * rate)`` best channels as the P-NN; resets
+        the Taylor accumulators. Returns the kept channels by group name."""
+        kept = {g.name: kept_channels(s, self.prune_rate) for g, s in zip(self.prunable, self.group_scores())}
+        if kept:
+            self.set_hard_widths(kept)
+        for t in self._taylor:
+            t.zero_()
+        self._taylor_steps = 0
+        self._flops_ratio = self.flops("hard") / self.flops("full")
+        return kept
+
+    def on_epoch_end(self) -> None:
+        """SFP's per-epoch re-ranking (masked filters whose importance grew come back)."""
+        self.update_masks()
+
+    def kept_channels(self) -> dict[str, list[int]]:
+        """The P-NN's kept channels of every prunable group, by group name."""
+        out = {}
+        for g, sel in zip(self.prunable, self.plan.selections):
+            if sel is None:
+                out[g.name] = list(range(g.channels))
+            elif isinstance(sel, int):
+                out[g.name] = list(range(sel))
+            else:
+                out[g.name] = sel.tolist()
+        return out
+
+    @torch.no_grad()
+    def _accumulate_taylor(self) -> None:
+        for acc, (name, _, offset, rows) in zip(self._taylor, self._producers):
+            w = self.wrappers[name].module.weight
+            if w.grad is not None:
+                g = (w[offset:offset + rows] * w.grad[offset:offset + rows]).abs()
+                acc += g.reshape(rows, -1).sum(1, dtype=torch.float64)
+        self._taylor_steps += 1
+
+    # ------------------------------------------------------------------ one step
+    def set_phase(self, phase: str) -> None:
+        """Phases do not change CR-SFP's step; the name is kept for the records."""
+        self.phase = phase
+
+    def mask_parameters(self) -> list[nn.Parameter]:
+        """CR-SFP learns no mask parameters."""
+        return []
+
+    def losses(self, z_p: Tensor, z_r: Tensor, y: Tensor) -> dict[str, Tensor]:
+        """The CR-SFP loss of P-NN logits ``z_p`` and R-NN logits ``z_r``: ``loss``, ``ce_pnn``, ``ce_rnn``, ``kd``
+        (``kd = [KL(sg(p_R) || p_P) + KL(sg(p_P) || p_R)] / 2``; ``loss = ce_pnn + ce_rnn + alpha * kd``)."""
+        ce_p = F.cross_entropy(z_p, y)
+        ce_r = F.cross_entropy(z_r, y)
+        if self.alpha > 0:
+            log_p, log_r = F.log_softmax(z_p, -1), F.log_softmax(z_r, -1)
+            kl_rp = F.kl_div(log_p, log_r.detach(), reduction="batchmean", log_target=True)
+            kl_pr = F.kl_div(log_r, log_p.detach(), reduction="batchmean", log_target=True)
+            kd = 0.5 * (kl_rp + kl_pr)
+            loss = ce_p + ce_r + self.alpha * kd
+        else:
+            kd = ce_p.detach().new_zeros(())
+            loss = ce_p + ce_r
+        return {"loss": loss, "ce_pnn": ce_p, "ce_rnn": ce_r, "kd": kd}
+
+    def _views_loss(self, x_p: Any, x_r: Any, y: Tensor) -> tuple[dict[str, Tensor], Tensor, Tensor]:
+        z_p = self.run("hard", x_p)
+        z_r = self.run("dense", x_r)
+        return self.losses(z_p, z_r, y), z_p, z_r
+
+    def train_step(self, x: Any, y: Tensor, optimizer: torch.optim.Optimizer) -> dict[str, float]:
+        """One step on the batch ``((x1, x2), y)`` (a single tensor ``x``: both views are ``x``); ``optimizer``
+        holds :meth:`weight_parameters`. Returns loss, ce_pnn, ce_rnn, kd, pnn_acc, rnn_acc, hard_flops_ratio,
+        and soft_acc / hard_acc (= rnn_acc / pnn_acc)."""
+        x1, x2 = (x[0], x[1]) if isinstance(x, (tuple, list)) else (x, x)
+        optimizer.zero_grad(set_to_none=True)
+        self.prepare_hard()
+        terms, z_p, z_r = self._views_loss(x1, x2, y)
+        pnn_acc, rnn_acc = _accuracy(z_p, y), _accuracy(z_r, y)
+        if self.symmetric:
+            swapped, z_p2, z_r2 = self._views_loss(x2, x1, y)
+            terms = {k: 0.5 * (v + swapped[k]) for k, v in terms.items()}
+            pnn_acc = 0.5 * (pnn_acc + _accuracy(z_p2, y))
+            rnn_acc = 0.5 * (rnn_acc + _accuracy(z_r2, y))
+        terms["loss"].backward()
+        all_reduce_mean_([p.grad for p in self.weight_parameters() if p.grad is not None])
+        if self.criterion == "taylor":
+            self._accumulate_taylor()
+        optimizer.step()
+        keys = ("loss", "ce_pnn", "ce_rnn", "kd")
+        host = torch.stack([terms[k].detach().double() for k in keys] + [pnn_acc, rnn_acc]).tolist()
+        metrics = dict(zip(keys + ("pnn_acc", "rnn_acc"), host))
+        metrics["hard_flops_ratio"] = self._flops_ratio
+        metrics["soft_acc"], metrics["hard_acc"] = metrics["rnn_acc"], metrics["pnn_acc"]
+        return metrics
+
+    def forward(self, *inputs: Any, path: str = "hard") -> Any:
+        """Logits of the P-NN (``"hard"`` / ``"pnn"``) or the R-NN (``"dense"`` / ``"rnn"``)."""
+        path = {"pnn": "hard", "rnn": "dense"}.get(path, path)
+        if path not in ("hard", "dense"):
+            raise ValueError(f"path must be 'hard' (P-NN) or 'dense' (R-NN), got {path!r}")
+        return super().forward(*inputs, path=path)
+
+    # ------------------------------------------------------------------ evaluation
+    recalibrate_bn = S2HPruner.recalibrate_bn
+
+    @torch.no_grad()
+    def evaluate(self, batches: Iterable, paths: tuple = ("dense", "hard")) -> dict[str, float]:
+        """Top-1 accuracy of the R-NN (``rnn_acc``, alias ``soft_acc``) and the P-NN (``pnn_acc``, alias
+        ``hard_acc``) over ``batches`` in eval mode, and ``gap = rnn_acc - pnn_acc``."""
+        del paths  # both networks are always evaluated
+        res = S2HPruner.evaluate(self, batches, paths=("dense", "hard"))
+        out = {"rnn_acc": res["dense_acc"], "pnn_acc": res["hard_acc"]}
+        out.update(soft_acc=out["rnn_acc"], hard_acc=out["pnn_acc"], gap=out["rnn_acc"] - out["pnn_acc"])
+        return out
+
+    # ------------------------------------------------------------------ export
+    def export(self) -> Any:
+        """The P-NN as a plain, physically smaller model (kept channels only, hard-path BN statistics, the
+        P-NN head), in eval mode; its outputs equal the hard path's in eval mode."""
+        exported = super().export()
+        head = self.pnn_head
+        if head is not None:
+            sel_in, sel_out, spec = self.named_layer_selections()[self.head_node]
+            small = exported.get_submodule(spec.target)
+            with torch.no_grad():
+                small.weight.copy_(select(select(head.weight, 0, sel_out), 1, sel_in))
+                if head.bias is not None:
+                    small.bias.copy_(select(head.bias, 0, sel_out))
+        return exported
+
+    # ------------------------------------------------------------------ state
+    def pruning_state(self) -> dict:
+        """Kept channels, Taylor accumulators, hard-path BN statistics and the P-NN head (the model's own
+        weights are in ``model.state_dict()``)."""
+        hard_bn = {name: {k: v.detach().clone() for k, v in w.state_dict().items() if k.startswith("hard_")}
+                   for name, w in self.wrappers.items() if getattr(w, "hard_running_mean", None) is not None}
+        head = self.pnn_head
+        return {"method": "crsfp" if self.two_heads else "sfp", "kept": self.kept_channels(),
+                "taylor": [t.clone() for t in self._taylor], "taylor_steps": self._taylor_steps,
+                "phase": self.phase, "hard_bn": hard_bn,
+                "pnn_head": {k: v.detach().clone() for k, v in head.state_dict().items()} if head is not None else None,
+                "groups": [[g.name, g.channels] for g in self.prunable]}
+
+    def load_pruning_state(self, state: dict) -> None:
+        """Restore :meth:`pruning_state`; a state made for other channel groups or heads is refused whole."""
+        mine = [[g.name, g.channels] for g in self.prunable]
+        if [list(g) for g in state.get("groups", [])] != mine:
+            raise ValueError(f"pruning state was saved for different channel groups: expected {mine}, "
+                             f"got {state.get('groups')}")
+        if (state.get("pnn_head") is None) != (self.pnn_head is None):
+            raise ValueError("pruning state and pruner differ in having a separate P-NN head")
+        for name in state["hard_bn"]:
+            if name not in self.wrappers:
+                raise ValueError(f"pruning state has hard BN statistics for unknown layer call '{name}'")
+        with torch.no_grad():
+            for name, buffers in state["hard_bn"].items():
+                for key, value in buffers.items():
+                    getattr(self.wrappers[name], key).copy_(value)
+            if self.pnn_head is not None:
+                self.pnn_head.load_state_dict(state["pnn_head"])
+            for t, saved in zip(self._taylor, state["taylor"]):
+                t.copy_(saved)
+        self._taylor_steps = int(state["taylor_steps"])
+        if state["kept"]:
+            self.set_hard_widths(state["kept"])
+        self._flops_ratio = self.flops("hard") / self.flops("full")
+        self.phase = state["phase"]
+
+
+class SFPruner(CRSFPruner):
+    """Plain SFP on the engine: CR-SFP with ``alpha = 0`` and one classifier head shared by the P-NN (hard
+    path) and the R-NN (dense path); one view serves both paths unless two are given."""
+
+    def __init__(self, model: nn.Module, example_inputs: Any, prune_rate: float = 0.3, criterion: str = "l2",
+                 symmetric: bool = False, ignore: Iterable[str] = ()) -> None:
+        super().__init__(model, example_inputs, prune_rate=prune_rate, criterion=criterion, alpha=0.0,
+                         symmetric=symmetric, ignore=ignore, two_heads=False)
+
+
+def _accuracy(logits: Tensor, y: Tensor) -> Tensor:
+    return (logits.detach().argmax(-1) == y).double().mean()
