@@ -222,11 +222,9 @@ class TwoPathNetwork(nn.Module):
         return self.ranks[co[slot]:co[slot + 1]]
 
     # ------------------------------------------------------------------ masks
-    def update_ranks(self) -> None:
-        """Rank every prunable group's channels by importance (group-mean filter L1 norm, descending)."""
-        if not self.prunable:
-            self._ranked = True
-            return
+    def producer_weights(self) -> tuple[list[Tensor], list[int]]:
+        """Each prunable group's producing filters: ``(weights, slots)`` with ``weights[i]`` of shape
+        ``(C_g, ...)`` (a view of a conv/linear weight's rows) producing group ``prunable[slots[i]]``."""
         weights, slots = [], []
         for spec in self.analysis.layers.values():
             if spec.kind == "norm":
@@ -239,6 +237,14 @@ class TwoPathNetwork(nn.Module):
                     weights.append(weight[offset:offset + seg.size])
                     slots.append(slot)
                 offset += seg.size
+        return weights, slots
+
+    def update_ranks(self) -> None:
+        """Rank every prunable group's channels by importance (group-mean filter L1 norm, descending)."""
+        if not self.prunable:
+            self._ranked = True
+            return
+        weights, slots = self.producer_weights()
         result = ops.group_importance(weights, slots)
         co = self.gate_layout.channel_offsets
         with torch.no_grad():

@@ -21,7 +21,6 @@ import torch.fx as fx
 import torch.nn as nn
 from torch import Tensor
 
-from .flops import count_flops, count_macs
 from .graph import trace
 from .layers import GatedNorm, Selection, select
 

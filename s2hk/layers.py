@@ -90,14 +90,6 @@ class _Wrapper(nn.Module):
     def extra_repr(self) -> str:
         return f"gate={self.spec.gate}"
 
-    def _soft_gate(self) -> Optional[Tensor]:
-        """The soft path's gate of this layer's output, or None where the layer carries none."""
-        return self.state.gates[self.spec.out_layout] if self.spec.gate else None
-
-
-class GatedConv(_Wrapper):
-    """A ``nn.ConvNd`` on both paths; depthwise convs keep one group per kept channel."""
-
     def forward(self, x: Tensor) -> Tensor:
         path = self.state.path
         if path == "hard":
@@ -105,6 +97,14 @@ class GatedConv(_Wrapper):
         if path == "soft":
             return self._soft(x)
         return self.module(x)
+
+    def _soft_gate(self) -> Optional[Tensor]:
+        """The soft path's gate of this layer's output, or None where the layer carries none."""
+        return self.state.gates[self.spec.out_layout] if self.spec.gate else None
+
+
+class GatedConv(_Wrapper):
+    """A ``nn.ConvNd`` on both paths; depthwise convs keep one group per kept channel."""
 
     def dual(self, x_soft: Tensor, x_hard: Tensor) -> tuple[Tensor, Tensor]:
         """``(soft output, hard output)``; one ``dual_conv`` launch for a shared input where dispatch picks
@@ -158,14 +158,6 @@ def _conv(conv: nn.Module, x: Tensor, weight: Tensor, bias: Optional[Tensor], gr
 
 class GatedLinear(_Wrapper):
     """A ``nn.Linear`` on both paths (channels on the last dimension)."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        path = self.state.path
-        if path == "hard":
-            return self._hard(x)
-        if path == "soft":
-            return self._soft(x)
-        return self.module(x)
 
     def dual(self, x_soft: Tensor, x_hard: Tensor) -> tuple[Tensor, Tensor]:
         """``(soft output, hard output)``; one ``dual_linear`` launch where dispatch picks Triton, else the two
