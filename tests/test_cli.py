@@ -39,15 +39,6 @@ USER_MODELS = textwrap.dedent("""
 """)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small ops crawl with two threads on a shared machine; restore the setting afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def user_models(tmp_path_factory) -> str:
     """A module ``cli_user_models`` with a tiny CNN and a model s2hk cannot follow, importable by name."""

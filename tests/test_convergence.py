@@ -15,14 +15,6 @@ from s2hk.data import make_loaders
 from s2hk.trainer import TrainConfig, Trainer
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def small_cnn(num_classes: int = 10) -> nn.Sequential:
     def block(cin: int, cout: int, stride: int = 1) -> list[nn.Module]:
         return [nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]

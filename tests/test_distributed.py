@@ -28,15 +28,6 @@ STEPS_PER_EPOCH = 6
 EPOCHS = 3  # warm-up, then two joint epochs (mask updates)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small ops crawl with two threads on a shared machine; restore the setting afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def bn_free_model() -> nn.Module:
     """conv-ReLU-conv-ReLU-pool-linear: no per-rank BatchNorm statistics, so ranks may match one process."""
     return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),

@@ -12,15 +12,6 @@ import torch.nn.functional as F
 from s2hk import TwoPathNetwork, count_flops, load_pruned, models, save_pruned
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread is faster, and far faster when the cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 SIZE = 16   # 16x16 images keep wrn28_10 and resnet50 affordable on a CPU
 
 

@@ -10,15 +10,6 @@ from torch.utils.flop_counter import FlopCounterMode
 from s2hk import TwoPathNetwork, count_flops, count_macs, models
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread is faster, and far faster when the cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def reference_flops(module: nn.Module, inputs) -> int:
     inputs = inputs if isinstance(inputs, tuple) else (inputs,)
     module.eval()

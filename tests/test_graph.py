@@ -12,15 +12,6 @@ from s2hk import UnsupportedModelError, analyze, models
 from s2hk.graph import GraphAnalysis, Segment
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread is faster, and far faster when the cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 X8 = torch.randn(2, 3, 8, 8)
 
 

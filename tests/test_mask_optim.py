@@ -20,14 +20,6 @@ from s2hk.mask_optim import MaskOptimizer, balance_gradients
 from s2hk.masks import GateLayout
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def hand_balance(g_d, g_f, r, lam, rho, beta, choices, max_scale=None):
     """The rule per group, in Python floats; returns the balanced (g_D, g_F) as flat lists."""
     dyn = min(r / (lam * rho ** 2), 1.0)

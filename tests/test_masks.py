@@ -21,15 +21,6 @@ from s2hk.masks import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread is faster, and far faster when the cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def logits_for(probs: list[float], tau: float = 1.0) -> torch.Tensor:
     """Logits whose softmax(u / tau) is ``probs``."""
     return tau * torch.log(torch.tensor(probs, dtype=torch.float64))

@@ -27,14 +27,6 @@ NUM_CLASSES = 5
 EXAMPLE_SHAPE = (2, 3, 6, 6)  # batch 2: the FLOPs polynomial counts the example batch
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class Net(nn.Module):
     """conv(3->8) -> BN -> ReLU -> conv(8->12) -> BN -> ReLU -> global mean -> linear(12->5)."""
 

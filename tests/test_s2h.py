@@ -22,14 +22,6 @@ EPS = 1e-5
 KEYS = {"loss", "kd_hard", "kd_soft", "flops_loss", "soft_flops_ratio", "hard_flops_ratio", "soft_acc", "hard_acc"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class Net(nn.Module):
     """conv(3->c1) -> BN -> ReLU -> conv(c1->c2) -> BN -> ReLU -> global mean -> linear(c2->5)."""
 

@@ -25,15 +25,6 @@ EPOCHS = 4           # warm-up, two joint epochs, hard
 TOTAL_STEPS = EPOCHS * STEPS_PER_EPOCH
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small ops crawl with two threads on a shared machine; restore the setting afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny_model(width: int = 16) -> nn.Module:
     """conv-BN-ReLU-conv-BN-ReLU-pool-linear: two prunable groups, BatchNorm on both paths."""
     return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),

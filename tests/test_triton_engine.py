@@ -7,7 +7,6 @@ kernel and refuse it.
 """
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch
@@ -23,15 +22,6 @@ from s2hk.kernels import bn_gate_act as bga  # noqa: E402
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 OP = "bn_gate_act"
 TOL = dict(rtol=1e-4, atol=1e-5)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread is faster, and far faster when the cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True, scope="module")
