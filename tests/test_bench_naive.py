@@ -26,15 +26,6 @@ from naive_two_pass import NaiveS2HPruner  # noqa: E402
 ATOL, RTOL = 2e-5, 1e-4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread is faster, and far faster when the cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class Block(nn.Module):
     """A residual block, then a depthwise-separable block with squeeze-excitation (MobileNet-like)."""
 

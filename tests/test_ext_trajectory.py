@@ -22,15 +22,6 @@ ATOL, RTOL = 1e-5, 1e-4
 pytestmark = pytest.mark.skipif(dispatch.extension(warn=False) is None, reason="s2hk._C is not built")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread is faster, and far faster when the cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class Small(nn.Module):
     """stem -> residual block -> expand -> depthwise (stride 2) -> squeeze-excitation -> project -> fc."""
 
