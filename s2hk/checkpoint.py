@@ -25,12 +25,13 @@ import json
 import os
 import random
 import re
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 import torch
+
+from .atomic import atomic_write
 
 __all__ = [
     "FORMAT",
@@ -140,25 +141,13 @@ def save_checkpoint(path: os.PathLike | str, state: Mapping[str, Any]) -> None:
     # makes the file unreadable rather than silently accepted.
     header_line = (json.dumps(header, sort_keys=True, separators=(",", ":")) + "\n").encode("ascii")
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    def write(f) -> None:
+        f.write(_MAGIC)
+        f.write(header_line)
+        f.write(payload)
+
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(_MAGIC)
-            f.write(header_line)
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        # mkstemp creates 0600 files; a checkpoint should be as readable as any other output file.
-        os.chmod(tmp_name, 0o644)
-        os.replace(tmp_name, path)
-    except BaseException:
-        # Includes KeyboardInterrupt: the temporary file must not outlive a failed write.
-        try:
-            os.unlink(tmp_name)
-        except FileNotFoundError:
-            pass
-        raise
+        atomic_write(path, write, durable=True)
     finally:
         payload.release()
     _fsync_dir(path.parent)

@@ -20,7 +20,6 @@ import argparse
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -28,6 +27,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from .atomic import atomic_write
 from .metrics import METRICS_FILE, read_metrics
 
 __all__ = ["ReportError", "render_report", "ARCHITECTURE_FILE", "ARCHITECTURE_FORMAT"]
@@ -53,19 +53,7 @@ def _number(value: Any) -> float | None:
 def _save(fig: Figure, path: Path) -> Path:
     # Write then rename, so a viewer refreshing during training never sees a half-written PNG.
     FigureCanvasAgg(fig)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png", dpi=_DPI)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    return path
+    return atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=_DPI))
 
 
 def _integer_axis(ax: Any, xs: list[float]) -> None:
