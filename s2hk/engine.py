@@ -89,6 +89,7 @@ class TwoPathNetwork(nn.Module):
         self._ranked = False
         self.flops_polynomial = FlopsPolynomial(self.analysis, model, example_inputs)
         self._pinned: dict[int, Union[int, Tensor]] = {}
+        self._pinned_prefix: set[int] = set()
         self.plan = HardPlan([], [])
         self.refresh_plan()
         self._dual = _DualCache()  # run_dual's graph module, built on first use
@@ -309,9 +310,7 @@ class TwoPathNetwork(nn.Module):
         selections: list[Selection] = []
         for slot, (group, k) in enumerate(zip(self.prunable, widths)):
             if slot in pinned_sets:
-                sel: Selection = pinned_sets[slot]
-                if torch.equal(sel.cpu(), torch.arange(k)):
-                    sel = k
+                sel: Selection = k if group.index in self._pinned_prefix else pinned_sets[slot]
             elif k >= group.channels:
                 sel = None
             elif int(round(host[n + slot])) == k:
@@ -331,10 +330,9 @@ class TwoPathNetwork(nn.Module):
         """Pin the hard architecture: per group name a width (the most important channels are kept) or an
         explicit list of channel indices. ``None`` unpins every group (widths follow the logits again)."""
         if widths is None:
-            self._pinned = {}
-            self.refresh_plan()
+            self.set_pins({})
             return
-        pinned: dict[int, Union[int, Tensor]] = dict(self._pinned)
+        pins: dict[int, Union[int, list[int]]] = {}
         for name, value in widths.items():
             group = self.group(name)
             if not group.prunable:
@@ -346,15 +344,32 @@ class TwoPathNetwork(nn.Module):
                 value = int(value)
                 if not 1 <= value <= group.channels:
                     raise ValueError(f"width {value} for group '{name}' is outside 1..{group.channels}")
-                pinned[group.index] = value
+                pins[group.index] = value
             else:
-                idx = torch.as_tensor(list(value), dtype=torch.long)
-                if idx.numel() == 0 or idx.unique().numel() != idx.numel() or idx.min() < 0 \
-                        or idx.max() >= group.channels:
+                idx = [int(i) for i in value]
+                if not idx or len(set(idx)) != len(idx) or min(idx) < 0 or max(idx) >= group.channels:
                     raise ValueError(f"channels for group '{name}' must be distinct indices in "
                                      f"0..{group.channels - 1}, got {list(value)}")
-                pinned[group.index] = idx.sort().values.to(self.ranks.device)
-        self._pinned = pinned
+                pins[group.index] = sorted(idx)
+        kept = {gi: (pin if isinstance(pin, int) else pin.tolist()) for gi, pin in self._pinned.items()
+                if gi not in pins}
+        self.set_pins({**kept, **pins})
+
+    def set_pins(self, pins: Mapping[int, Union[int, Sequence[int]]]) -> None:
+        """Replace every pin (by group index: a width, or sorted channel indices) and refresh the plan.
+
+        Whether an explicit channel list is the prefix ``0..k-1`` is decided here, once, on the host, so the
+        per-step plan refresh needs no further host reads."""
+        self._pinned = {}
+        self._pinned_prefix = set()
+        for gi, pin in pins.items():
+            if isinstance(pin, int):
+                self._pinned[gi] = pin
+                continue
+            channels = [int(c) for c in pin]
+            self._pinned[gi] = torch.tensor(channels, dtype=torch.long, device=self.ranks.device)
+            if channels == list(range(len(channels))):
+                self._pinned_prefix.add(gi)
         self.refresh_plan()
 
     # ------------------------------------------------------------------ forward

@@ -235,11 +235,9 @@ class S2HPruner(TwoPathNetwork):
         co = self.gate_layout.channel_offsets
         self._orders = [torch.argsort(self.ranks[co[i]:co[i + 1]]) for i in range(len(self.prunable))]
         self._ranked = True
-        self._pinned = {int(gi): (v if isinstance(v, int) else torch.tensor(v, device=self.ranks.device))
-                        for gi, v in state["pinned"].items()}
         self.phase = state["phase"]
         self.mask_optimizer.load_state_dict(state["mask_optimizer"])
-        self.refresh_plan()
+        self.set_pins({int(gi): v for gi, v in state["pinned"].items()})
 
     def _group_signature(self) -> list[list]:
         return [[g.name, g.channels, d] for g, d in zip(self.prunable, self.gate_layout.granularities)]

@@ -515,3 +515,15 @@ def test_parameters_are_shared_with_the_model():
     assert all(id(p) not in ids for p in net.mask_parameters())
     # one prunable group of C = 4 channels, d = 1: four width choices
     assert [g.name for g in net.prunable] == ["conv"] and net.mask_logits.shape == (4,)
+
+
+def test_pinned_channel_lists_are_classified_once_as_prefix_or_gather():
+    net = TwoPathNetwork(models.resnet56(), torch.randn(1, 3, 16, 16))
+    first, second = net.prunable[0], net.prunable[1]
+    net.set_hard_widths({first.name: [0, 1, 2], second.name: [1, 2, 3]})
+    slots = {g.name: i for i, g in enumerate(net.prunable)}
+    assert net.plan.selections[slots[first.name]] == 3                 # a prefix: a narrow view, no gather
+    assert net.plan.selections[slots[second.name]].tolist() == [1, 2, 3]
+    net.set_hard_widths({second.name: [0, 1]})                         # other pins are kept
+    assert net.plan.selections[slots[first.name]] == 3
+    assert net.plan.selections[slots[second.name]] == 2
