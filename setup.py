@@ -71,7 +71,7 @@ setup(
     description="Prune neural networks while they train (S2HPruner, CR-SFP, STP), with fused GPU kernels",
     long_description=open(os.path.join(ROOT, "README.md"), encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    python_requires=">=3.9",
+    python_requires=">=3.10",
     packages=["s2hk", "s2hk.models", "s2hk.data", "s2hk.kernels"],
     # The Triton kernels live in the top-level kernels/ folder and are imported as s2hk.kernels.
     package_dir={"s2hk": "s2hk", "s2hk.kernels": "kernels"},
