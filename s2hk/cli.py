@@ -66,7 +66,7 @@ RESUME_IGNORE = frozenset({"out", "progress", "resume", "threads", "device", "da
 # Method options given by their own flags (the training schedule), not by --set.
 _SCHEDULE_OPTIONS = {"target_flops", "warmup_epochs", "joint_epochs", "hard_epochs"}
 
-METHODS = ("s2h", "crsfp", "sfp")
+METHODS = ("s2h", "crsfp", "sfp", "stp")
 
 
 class UsageError(Exception):
@@ -164,6 +164,14 @@ def _check_method_options(cfg: dict) -> None:
         except ValueError as err:
             raise UsageError(f"method options: {_one_line(err)}") from err
         return
+    if cfg["method"] == "stp":
+        from .stp import check_options as check_stp_options
+
+        try:
+            check_stp_options(options)
+        except (ValueError, TypeError) as err:
+            raise UsageError(f"method options: {_one_line(err)}") from err
+        return
     scheduled = sorted(set(options) & _SCHEDULE_OPTIONS)
     if scheduled:
         flags = ", ".join("--" + k.replace("_", "-") for k in scheduled if k != "joint_epochs")
@@ -247,6 +255,11 @@ def _build_pruner(cfg: dict, num_classes: int, channels: int, image_size: int, d
 
         cls = CRSFPruner if cfg["method"] == "crsfp" else SFPruner
         return cls(model, example, prune_rate=cfg["prune_rate"], **cfg["method_options"])
+    if cfg["method"] == "stp":
+        from .stp import STPruner
+
+        return STPruner(model, example, target_flops=cfg["target_flops"], total_epochs=cfg["epochs"],
+                        warmup_epochs=cfg["warmup_epochs"], hard_epochs=cfg["hard_epochs"], **cfg["method_options"])
     joint = cfg["epochs"] - cfg["warmup_epochs"] - cfg["hard_epochs"]
     return S2HPruner(model, example, target_flops=cfg["target_flops"], warmup_epochs=cfg["warmup_epochs"],
                      joint_epochs=joint, hard_epochs=cfg["hard_epochs"], **cfg["method_options"])
@@ -365,7 +378,7 @@ def _write_outputs(cfg: dict, pruner: Any, train: Any, result: dict, out: Path, 
         "dense_flops": 2 * dense_macs, "dense_macs": dense_macs,
         "pruned_flops": 2 * pruned_macs, "pruned_macs": pruned_macs,
         "remaining_flops": pruned_macs / dense_macs,
-        "target_flops": cfg["target_flops"] if cfg["method"] == "s2h" else None,
+        "target_flops": cfg["target_flops"] if cfg["method"] in ("s2h", "stp") else None,
         "soft_acc": result.get("soft_acc"), "hard_acc": result.get("hard_acc"), "gap": result.get("gap"),
         "epochs": cfg["epochs"], "world_size": cfg["world_size"],
         "wall_seconds": seconds, "out": str(out),

@@ -1,0 +1,552 @@
+"""STP on the two-path engine (ALGORITHMS.md §3): stimulative training, KD-guided search, mutating expansion.
+
+Every design choice below is ours (the paper's method section was not available) and is an argument of
+:class:`STPruner` / a field of :class:`STPConfig`.
+
+Architecture space
+------------------
+An architecture is one width per prunable channel group, a multiple of the group's granularity ``d_g``
+(:attr:`~s2hk.engine.TwoPathNetwork.gate_layout`) in ``[d_g, C_g]``; the kept channels are the group's most
+important ones (the engine's ranking). Its FLOPs are exact (``flops_polynomial.flops_at``). **Depth (skipping
+residual blocks) is not part of the space yet: the search is width-only.**
+
+One step (stimulative training)
+-------------------------------
+The full network runs the dense path and gets ``CE(z_full, y)``; then each of ``num_subnets`` sampled subnets
+is pinned (:meth:`~s2hk.engine.TwoPathNetwork.set_hard_widths`), runs the physically narrow hard path and gets
+``kd_weight * T^2 * KL(softmax(sg(z_full) / T) || softmax(z_sub / T))`` (batch mean; ``sg``: the teacher is
+detached, so subnets train the weights only through their own logits). The gradients are summed and the
+optimiser steps once. Dropped weights carry no penalty: a weight outside every sampled subnet gets the CE
+gradient of the full network only.
+
+Subnet mutating expansion
+-------------------------
+Training subnets are mutations of the current best architecture, repaired to the *current* budget
+``B(t)``, which goes linearly from 1.0 to ``target_flops`` over the first ``expansion_fraction`` of the joint
+epochs (``total_epochs - warmup_epochs - hard_epochs``) and stays at the target afterwards; the budget of the
+epoch in progress is the one reached at its end (so a single joint epoch trains at the target). With
+``include_anchor`` the first subnet is the best architecture itself (repaired to ``B(t)``).
+
+KD-guided exploration
+---------------------
+:meth:`STPruner.search` (at every epoch end of a joint epoch, and every ``search_every`` steps if > 0) runs a
+small evolutionary search at the final budget: a population of ``population`` architectures (the current
+best, mutations of it and random ones), then ``generations`` rounds keeping the best half and filling the
+rest with uniform-crossover + mutation children. Every candidate is repaired to the budget
+(``|F / F_full - target| <= tolerance``): its widths are scaled by one common factor (bisection), then moved by
+single ``d_g`` steps (or a step up in one group and down in another) while that brings the ratio closer. Fitness is the KD loss (KL of the full network's
+eval-mode distribution to the candidate's, per sample) on the last ``held_out_batches`` training batches,
+kept in memory, after re-estimating the candidate's BatchNorm statistics from ``calibration_batches``
+other remembered batches. The evaluation budget is fixed: ``population + generations * (population - elite)``
+candidates at most. Weights do not change during a search.
+
+Output
+------
+:meth:`STPruner.export` pins the best architecture and exports it physically; no fine-tuning.
+"""
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Iterable, Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from .distributed import all_reduce_mean_
+from .engine import TwoPathNetwork
+from .s2h import S2HPruner
+
+__all__ = ["STPruner", "STPConfig", "check_options"]
+
+
+@dataclass
+class STPConfig:
+    """STP's settings (see the module docstring).
+
+    Attributes:
+        target_flops: remaining-FLOPs ratio of the exported subnet.
+        tolerance: allowed ``|ratio - target_flops|`` of a feasible architecture.
+        num_subnets: subnets trained by KD per step.
+        include_anchor: the first subnet of a step is the best architecture (at the current budget).
+        kd_weight: weight of every subnet's KD loss.
+        kd_temperature: softmax temperature T of the KD terms (scaled by ``T^2``).
+        total_epochs: epochs of the run (the expansion schedule's length).
+        warmup_epochs: leading epochs of dense CE training only.
+        hard_epochs: trailing epochs training the best subnet alone with CE (0: none, as in STP).
+        expansion_fraction: fraction of the joint epochs over which the sampled budget reaches the target.
+        search_every: also search every this many steps (0: at joint epoch ends only).
+        population: candidates per generation.
+        generations: evolution rounds after the initial population.
+        mutation_prob: per-group probability of a mutation.
+        mutation_scale: largest mutation step as a fraction of the group's number of width choices.
+        held_out_batches: remembered training batches the fitness is measured on.
+        calibration_batches: other remembered batches re-estimating each candidate's BN statistics.
+        seed: seed of STP's own random generator (sampling and search; the global RNG is not used).
+        granularity, max_choices, ignore, importance: passed to :class:`~s2hk.engine.TwoPathNetwork`.
+    """
+
+    target_flops: float = 0.15
+    tolerance: float = 0.01
+    num_subnets: int = 2
+    include_anchor: bool = True
+    kd_weight: float = 1.0
+    kd_temperature: float = 1.0
+    total_epochs: int = 1
+    warmup_epochs: int = 0
+    hard_epochs: int = 0
+    expansion_fraction: float = 0.5
+    search_every: int = 0
+    population: int = 8
+    generations: int = 2
+    mutation_prob: float = 0.3
+    mutation_scale: float = 0.15
+    held_out_batches: int = 2
+    calibration_batches: int = 2
+    seed: int = 0
+    granularity: Any = None
+    max_choices: int = 32
+    ignore: tuple = ()
+    importance: str = "dynamic"
+
+    def __post_init__(self) -> None:
+        if not 0.0 < float(self.target_flops) <= 1.0:
+            raise ValueError(f"target_flops must be in (0, 1], got {self.target_flops}")
+        if not float(self.tolerance) >= 0.0:
+            raise ValueError(f"tolerance must be >= 0, got {self.tolerance}")
+        for name in ("num_subnets", "population", "held_out_batches", "total_epochs"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("generations", "search_every", "calibration_batches", "warmup_epochs", "hard_epochs"):
+            if int(getattr(self, name)) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.warmup_epochs + self.hard_epochs > self.total_epochs:
+            raise ValueError("warmup_epochs + hard_epochs exceed total_epochs")
+        if not 0.0 < float(self.expansion_fraction) <= 1.0:
+            raise ValueError(f"expansion_fraction must be in (0, 1], got {self.expansion_fraction}")
+        if not 0.0 <= float(self.mutation_prob) <= 1.0:
+            raise ValueError(f"mutation_prob must be in [0, 1], got {self.mutation_prob}")
+        if not float(self.mutation_scale) >= 0.0 or not float(self.kd_weight) >= 0.0:
+            raise ValueError("mutation_scale and kd_weight must be >= 0")
+        if not float(self.kd_temperature) > 0.0:
+            raise ValueError(f"kd_temperature must be > 0, got {self.kd_temperature}")
+        self.ignore = tuple(self.ignore)
+
+    def phase(self, epoch: int) -> str:
+        """The phase of ``epoch``: "warmup", "joint" or "hard"."""
+        if epoch < self.warmup_epochs:
+            return "warmup"
+        if epoch >= self.total_epochs - self.hard_epochs:
+            return "hard"
+        return "joint"
+
+    @property
+    def joint_epochs(self) -> int:
+        return max(self.total_epochs - self.warmup_epochs - self.hard_epochs, 1)
+
+
+_OPTION_NAMES = {f.name for f in fields(STPConfig)}
+_CLI_SET = {"target_flops", "total_epochs", "warmup_epochs", "hard_epochs"}  # set by the CLI's own flags
+
+
+def check_options(options: dict) -> None:
+    """Refuse ``--set`` options STP does not take (or that its own flags set) and bad values; ValueError."""
+    unknown = sorted(set(options) - (_OPTION_NAMES - _CLI_SET))
+    if unknown:
+        raise ValueError(f"unknown option(s) {unknown} for method 'stp'; known: {sorted(_OPTION_NAMES - _CLI_SET)}")
+    STPConfig(**options)
+
+
+class STPruner(TwoPathNetwork):
+    """STP: train the full network and KD-trained subnets, search the best subnet, export it.
+
+    Args:
+        model: the network (trained in place).
+        example_inputs: one batch (or a batch of one) of the model's input, for tracing and FLOPs.
+        target_flops: remaining-FLOPs ratio of the exported subnet.
+        num_subnets, search_every, population, generations, ...: see :class:`STPConfig`.
+        config: an :class:`STPConfig`; keyword arguments override its fields.
+
+    Inputs are single tensors; a tuple / list ``x`` (two augmented views) uses its first view.
+
+    Example::
+
+        pruner = STPruner(model, torch.randn(1, 3, 32, 32), target_flops=0.15, total_epochs=epochs)
+        opt = torch.optim.SGD(pruner.weight_parameters(), lr=0.1, momentum=0.9)
+        for epoch in range(epochs):
+            pruner.set_phase(pruner.config.phase(epoch))
+            for x, y in loader:
+                pruner.train_step(x, y, opt)
+            pruner.on_epoch_end()               # KD-guided search of the best subnet
+        small = pruner.export()
+    """
+
+    def __init__(self, model: nn.Module, example_inputs: Any, target_flops: Optional[float] = None,
+                 config: Optional[STPConfig] = None, **overrides: Any) -> None:
+        values = asdict(config or STPConfig())
+        values.update(overrides)
+        if target_flops is not None:
+            values["target_flops"] = target_flops
+        cfg = STPConfig(**values)
+        super().__init__(model, example_inputs, ignore=cfg.ignore, granularity=cfg.granularity,
+                         max_choices=cfg.max_choices, importance=cfg.importance)
+        self.config = cfg
+        self.phase = "joint"
+        self.epoch = 0   # epochs finished (on_epoch_end calls)
+        self.steps = 0   # training steps taken
+        self.generator = torch.Generator().manual_seed(int(cfg.seed))
+        self._memory: deque = deque(maxlen=cfg.held_out_batches + cfg.calibration_batches)
+        self._full = [g.channels for g in self.prunable]
+        self._step = list(self.gate_layout.granularities)
+        self.best: list[int] = self.repair(self._full, cfg.target_flops)
+        self.best_kd = float("nan")
+        self.last_search: Optional[dict] = None
+        self._pin(self.best)
+
+    # ------------------------------------------------------------------ architecture space
+    def flops_ratio_of(self, widths: Sequence[int]) -> float:
+        """Exact FLOPs ratio of the network with the prunable groups at ``widths`` (others full)."""
+        all_widths = [g.channels for g in self.groups]
+        for g, k in zip(self.prunable, widths):
+            all_widths[g.index] = int(k)
+        return self.flops_polynomial.flops_at(all_widths) / self.flops_polynomial.dense_flops
+
+    def _snap(self, widths: Sequence[float]) -> list[int]:
+        return [int(min(max(round(float(w) / d), 1) * d, c)) for w, d, c in zip(widths, self._step, self._full)]
+
+    def _randint(self, high: int) -> int:
+        return int(torch.randint(high, (1,), generator=self.generator))
+
+    def _rand(self) -> float:
+        return float(torch.rand((), generator=self.generator))
+
+    def repair(self, widths: Sequence[float], budget: float) -> list[int]:
+        """``widths`` snapped to the space and moved to ``|ratio - budget| <= tolerance`` where reachable: one
+        common scale factor (bisection), then single ``d_g`` steps towards the budget -- or, where none helps, one group a step
+        towards it and another a step back -- (among the moves landing within tolerance a random one, else the
+        closest) while they bring the ratio closer."""
+        tol = self.config.tolerance
+        w = self._snap(widths)
+        if not w:
+            return w
+        ratio = self.flops_ratio_of(w)
+        if abs(ratio - budget) > tol:
+            lo, hi = 0.0, max(c / max(x, 1) for c, x in zip(self._full, w))
+            for _ in range(40):
+                mid = 0.5 * (lo + hi)
+                if self.flops_ratio_of(self._snap([mid * x for x in w])) > budget:
+                    hi = mid
+                else:
+                    lo = mid
+            cands = [self._snap([s * x for x in w]) for s in (lo, hi)]
+            w = min(cands, key=lambda c: abs(self.flops_ratio_of(c) - budget))
+            ratio = self.flops_ratio_of(w)
+        for _ in range(4 * sum(c // d for c, d in zip(self._full, self._step))):
+            if abs(ratio - budget) <= tol:
+                break
+            sign = 1 if ratio < budget else -1
+            moves = self._moves(w, budget, [(i, sign) for i in range(len(w))])
+            if not moves or min(m[0] for m in moves) >= abs(ratio - budget):
+                # no single step helps: one group a step towards the budget, another one back
+                moves = self._moves(w, budget, [(i, sign, j, -sign) for i in range(len(w))
+                                                for j in range(len(w)) if i != j])
+            if not moves:
+                break
+            inside = [m for m in moves if m[0] <= tol]
+            err, cand = inside[self._randint(len(inside))] if inside else min(moves, key=lambda m: m[0])
+            if err >= abs(ratio - budget):
+                break
+            w, ratio = cand, self.flops_ratio_of(cand)
+        return w
+
+    def _moves(self, w: list[int], budget: float, steps: list[tuple]) -> list[tuple[float, list[int]]]:
+        """``(|ratio - budget|, widths)`` of ``w`` moved by each entry of ``steps`` (pairs ``group, direction``,
+        in d_g steps), where the moved widths stay in the space."""
+        out = []
+        for step in steps:
+            cand = list(w)
+            for i, sign in zip(step[::2], step[1::2]):
+                cand[i] += sign * self._step[i]
+            if all(d <= k <= c for k, d, c in zip(cand, self._step, self._full)):
+                out.append((abs(self.flops_ratio_of(cand) - budget), cand))
+        return out
+
+    def feasible(self, widths: Sequence[int], budget: Optional[float] = None) -> bool:
+        budget = self.config.target_flops if budget is None else budget
+        return abs(self.flops_ratio_of(widths) - budget) <= self.config.tolerance
+
+    def mutate(self, widths: Sequence[int]) -> list[int]:
+        """Each group moves with probability ``mutation_prob`` by up to ``mutation_scale`` of its choices."""
+        out = list(widths)
+        for i, (d, c) in enumerate(zip(self._step, self._full)):
+            if self._rand() < self.config.mutation_prob:
+                span = max(1, int(round(self.config.mutation_scale * (c // d))))
+                delta = (self._randint(span) + 1) * d * (1 if self._rand() < 0.5 else -1)
+                out[i] = min(max(out[i] + delta, d), c)
+        return out
+
+    def random_architecture(self, budget: Optional[float] = None) -> list[int]:
+        """A uniformly random width vector, repaired to ``budget`` (default: the target)."""
+        budget = self.config.target_flops if budget is None else budget
+        return self.repair([(self._randint(c // d) + 1) * d for d, c in zip(self._step, self._full)], budget)
+
+    def current_budget(self) -> float:
+        """The FLOPs budget of the subnets sampled in the epoch in progress (mutating expansion)."""
+        cfg = self.config
+        span = max(1, math.ceil(cfg.expansion_fraction * cfg.joint_epochs))
+        progress = min(max((self.epoch - cfg.warmup_epochs + 1) / span, 0.0), 1.0)
+        return 1.0 - (1.0 - cfg.target_flops) * progress
+
+    def sample_subnets(self, budget: Optional[float] = None) -> list[list[int]]:
+        """The step's training subnets: mutations of the best architecture, repaired to ``budget``."""
+        budget = self.current_budget() if budget is None else budget
+        anchor = self.repair(self.best, budget)
+        out = []
+        for i in range(self.config.num_subnets):
+            out.append(anchor if i == 0 and self.config.include_anchor else self.repair(self.mutate(anchor), budget))
+        return out
+
+    def _pin(self, widths: Sequence[int]) -> None:
+        if self.prunable:
+            self.set_hard_widths({g.name: int(k) for g, k in zip(self.prunable, widths)})
+
+    # ------------------------------------------------------------------ one step
+    def set_phase(self, phase: str) -> None:
+        """"warmup" (dense CE only), "joint" (STP) or "hard" (the best subnet alone, CE)."""
+        if phase not in ("warmup", "joint", "hard"):
+            raise ValueError(f"phase must be 'warmup', 'joint' or 'hard', got {phase!r}")
+        self.phase = phase
+
+    def mask_parameters(self) -> list[nn.Parameter]:
+        """STP learns no mask parameters."""
+        return []
+
+    def kd_loss(self, z_sub: Tensor, z_teacher: Tensor) -> Tensor:
+        """``T^2 KL(softmax(sg(z_teacher) / T) || softmax(z_sub / T))``, batch mean."""
+        t = self.config.kd_temperature
+        return F.kl_div(F.log_softmax(z_sub / t, -1), F.log_softmax(z_teacher.detach() / t, -1),
+                        reduction="batchmean", log_target=True) * (t * t)
+
+    def _remember(self, x: Tensor, y: Tensor) -> None:
+        self._memory.append((x.detach().clone(), y.detach().clone()))
+
+    def train_step(self, x: Any, y: Tensor, optimizer: torch.optim.Optimizer) -> dict[str, float]:
+        """One step on ``(x, y)``; ``optimizer`` holds :meth:`weight_parameters`. Returns loss (CE of the full
+        network), kd (mean subnet KD), hard_flops_ratio (of the best architecture), budget (of the sampled
+        subnets), soft_acc (full network) and hard_acc (the best subnet's batch accuracy when it was trained
+        this step, else NaN)."""
+        x = x[0] if isinstance(x, (tuple, list)) else x
+        optimizer.zero_grad(set_to_none=True)
+        self._remember(x, y)
+        nan = float("nan")
+        if self.phase == "hard":
+            self._pin(self.best)
+            self.prepare_hard()
+            z = self.run("hard", x)
+            loss = F.cross_entropy(z, y)
+            loss.backward()
+            all_reduce_mean_([p.grad for p in self.weight_parameters() if p.grad is not None])
+            optimizer.step()
+            loss_v, acc = torch.stack([loss.detach().double(), _accuracy(z, y)]).tolist()
+            return {"loss": loss_v, "kd": nan, "hard_flops_ratio": self.flops_ratio_of(self.best),
+                    "budget": self.config.target_flops, "soft_acc": nan, "hard_acc": acc}
+        z_full = self.run("dense", x)
+        ce = F.cross_entropy(z_full, y)
+        ce.backward()
+        kds, hard_acc = [], None
+        budget = 1.0
+        if self.phase == "joint":
+            budget = self.current_budget()
+            teacher = z_full.detach()
+            for widths in self.sample_subnets(budget):
+                self._pin(widths)
+                self.prepare_hard()
+                z_sub = self.run("hard", x)
+                kd = self.kd_loss(z_sub, teacher)
+                (self.config.kd_weight * kd).backward()
+                kds.append(kd.detach())
+                if hard_acc is None and list(widths) == list(self.best):
+                    hard_acc = _accuracy(z_sub, y)
+            self._pin(self.best)
+        all_reduce_mean_([p.grad for p in self.weight_parameters() if p.grad is not None])
+        optimizer.step()
+        kd_mean = torch.stack(kds).mean().double() if kds else ce.detach().double().new_tensor(nan)
+        hard = hard_acc if hard_acc is not None else kd_mean.new_tensor(nan)
+        loss_v, kd_v, soft_v, hard_v = torch.stack([ce.detach().double(), kd_mean, _accuracy(z_full, y),
+                                                    hard]).tolist()
+        self.steps += 1
+        if self.phase == "joint" and self.config.search_every and self.steps % self.config.search_every == 0:
+            self.search()
+        return {"loss": loss_v, "kd": kd_v, "hard_flops_ratio": self.flops_ratio_of(self.best), "budget": budget,
+                "soft_acc": soft_v, "hard_acc": hard_v}
+
+    def forward(self, *inputs: Any, path: str = "hard") -> Any:
+        """Logits of the best subnet (``"hard"``) or the full network (``"dense"``)."""
+        if path not in ("hard", "dense"):
+            raise ValueError(f"path must be 'hard' or 'dense', got {path!r}")
+        return super().forward(*inputs, path=path)
+
+    # ------------------------------------------------------------------ search
+    def _split_memory(self) -> tuple[list, list]:
+        batches = list(self._memory)
+        held = batches[-self.config.held_out_batches:]
+        calib = batches[:len(batches) - len(held)] or held
+        return calib, held
+
+    @torch.no_grad()
+    def _teacher(self, held: list) -> list[Tensor]:
+        t = self.config.kd_temperature
+        return [F.log_softmax(self.run("dense", x) / t, -1) for x, _ in held]
+
+    @torch.no_grad()
+    def fitness(self, widths: Sequence[int], calib: Optional[list] = None, held: Optional[list] = None,
+                teacher: Optional[list[Tensor]] = None) -> float:
+        """KD loss (per-sample KL of the full network to the subnet, eval mode, temperature T, times ``T^2``)
+        of architecture ``widths`` on the held-out batches, after re-estimating its BN statistics."""
+        if calib is None or held is None:
+            calib, held = self._split_memory()
+        if not held:
+            raise RuntimeError("no remembered training batches: run train_step first")
+        was_training = self.training
+        try:
+            self.eval()
+            if teacher is None:
+                teacher = self._teacher(held)
+            self._pin(widths)
+            self.recalibrate_bn(calib, len(calib))
+            self.eval()
+            self.prepare_hard()
+            t = self.config.kd_temperature
+            total, count = 0.0, 0
+            for (x, y), log_t in zip(held, teacher):
+                log_s = F.log_softmax(self.run("hard", x) / t, -1)
+                total += float(F.kl_div(log_s, log_t, reduction="sum", log_target=True)) * t * t
+                count += int(y.shape[0])
+        finally:
+            self.train(was_training)
+        return total / max(count, 1)
+
+    @torch.no_grad()
+    def search(self) -> Optional[dict]:
+        """KD-guided evolutionary search at the target budget; updates :attr:`best` (pinned, its BN statistics
+        re-estimated). Returns ``{"widths", "kd", "flops_ratio", "evaluations"}``, or None without remembered
+        batches."""
+        cfg = self.config
+        calib, held = self._split_memory()
+        if not held or not self.prunable:
+            return None
+        was_training = self.training
+        self.eval()
+        teacher = self._teacher(held)
+        self.train(was_training)
+        cache: dict[tuple, float] = {}
+
+        def key(w: Sequence[int]) -> tuple:
+            return (not self.feasible(w), cache[tuple(w)])
+
+        def score(w: list[int]) -> None:
+            if tuple(w) not in cache:
+                cache[tuple(w)] = self.fitness(w, calib, held, teacher)
+
+        target = cfg.target_flops
+        pop = [self.repair(self.best, target)]
+        tries = 0
+        while len(pop) < cfg.population and tries < 20 * cfg.population:
+            tries += 1
+            cand = self.repair(self.mutate(pop[0]), target) if len(pop) % 2 else self.random_architecture(target)
+            if cand not in pop:
+                pop.append(cand)
+        for w in pop:
+            score(w)
+        pop.sort(key=key)
+        elite = max(1, cfg.population // 2)
+        for _ in range(cfg.generations):
+            parents = pop[:elite]
+            children: list[list[int]] = []
+            tries = 0
+            while len(children) < cfg.population - len(parents) and tries < 20 * cfg.population:
+                tries += 1
+                a, b = parents[self._randint(len(parents))], parents[self._randint(len(parents))]
+                child = [ai if self._rand() < 0.5 else bi for ai, bi in zip(a, b)]
+                child = self.repair(self.mutate(child), target)
+                if tuple(child) not in cache and child not in children:
+                    children.append(child)
+            for w in children:
+                score(w)
+            pop = sorted(parents + children, key=key)[:cfg.population]
+        self.best = list(pop[0])
+        self.best_kd = cache[tuple(self.best)]
+        self._pin(self.best)
+        self.recalibrate_bn(calib, len(calib))
+        self.last_search = {"widths": self.best_widths(), "kd": self.best_kd,
+                            "flops_ratio": self.flops_ratio_of(self.best), "evaluations": len(cache)}
+        return self.last_search
+
+    def on_epoch_end(self) -> None:
+        """Search the best subnet after a joint epoch, then advance the expansion schedule."""
+        if self.phase == "joint":
+            self.search()
+        self.epoch += 1
+
+    def best_widths(self) -> dict[str, int]:
+        """The best architecture's width of every prunable group, by group name."""
+        return {g.name: int(k) for g, k in zip(self.prunable, self.best)}
+
+    # ------------------------------------------------------------------ evaluation / export
+    recalibrate_bn = S2HPruner.recalibrate_bn
+
+    @torch.no_grad()
+    def evaluate(self, batches: Iterable, paths: tuple = ("dense", "hard")) -> dict[str, float]:
+        """Top-1 accuracy of the full network (``dense_acc``, alias ``soft_acc``) and the best subnet
+        (``hard_acc``) over ``batches``, eval mode, and ``gap = soft_acc - hard_acc``."""
+        del paths
+        self._pin(self.best)
+        res = S2HPruner.evaluate(self, batches, paths=("dense", "hard"))
+        res["soft_acc"] = res["dense_acc"]
+        res["gap"] = res["soft_acc"] - res["hard_acc"]
+        return res
+
+    def export(self) -> Any:
+        """The best subnet as a plain, physically smaller model (hard-path BN statistics), in eval mode."""
+        self._pin(self.best)
+        return super().export()
+
+    # ------------------------------------------------------------------ state
+    def pruning_state(self) -> dict:
+        """Best architecture, schedule position, generator, remembered batches and hard-path BN statistics
+        (the model's own weights are in ``model.state_dict()``)."""
+        hard_bn = {name: {k: v.detach().clone() for k, v in w.state_dict().items() if k.startswith("hard_")}
+                   for name, w in self.wrappers.items() if getattr(w, "hard_running_mean", None) is not None}
+        return {"method": "stp", "best": list(self.best), "best_kd": self.best_kd, "epoch": self.epoch,
+                "steps": self.steps, "phase": self.phase, "generator": self.generator.get_state(),
+                "memory": [[x, y] for x, y in self._memory], "hard_bn": hard_bn,
+                "groups": [[g.name, g.channels, d] for g, d in zip(self.prunable, self._step)]}
+
+    def load_pruning_state(self, state: dict) -> None:
+        """Restore :meth:`pruning_state`; a state made for other channel groups is refused whole."""
+        mine = [[g.name, g.channels, d] for g, d in zip(self.prunable, self._step)]
+        if [list(g) for g in state.get("groups", [])] != mine:
+            raise ValueError(f"pruning state was saved for different channel groups: expected {mine}, "
+                             f"got {state.get('groups')}")
+        for name in state["hard_bn"]:
+            if name not in self.wrappers:
+                raise ValueError(f"pruning state has hard BN statistics for unknown layer call '{name}'")
+        with torch.no_grad():
+            for name, buffers in state["hard_bn"].items():
+                for k, v in buffers.items():
+                    getattr(self.wrappers[name], k).copy_(v)
+        self.best = [int(k) for k in state["best"]]
+        self.best_kd = float(state["best_kd"])
+        self.epoch, self.steps, self.phase = int(state["epoch"]), int(state["steps"]), state["phase"]
+        self.generator.set_state(state["generator"])
+        self._memory.clear()
+        for x, y in state["memory"]:
+            self._memory.append((x, y))
+        self._pin(self.best)
+
+
+def _accuracy(logits: Tensor, y: Tensor) -> Tensor:
+    return (logits.detach().argmax(-1) == y).double().mean()
