@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from s2hk import S2HPruner, TwoPathNetwork, dispatch, models
 from s2hk.layers import GatedConv, GatedLinear, GatedNorm
+from helpers import randomise_norms
 
 NUM_CLASSES = 5
 
@@ -53,18 +54,6 @@ class Small(nn.Module):
         x = F.relu(self.bn0(self.stem(x)))
         x = F.relu(self.bn1(self.conv(x)))
         return self.fc(F.relu(self.hidden(x.mean((2, 3)))))
-
-
-def randomise_norms(model: nn.Module) -> nn.Module:
-    """Non-trivial BN affine parameters and running statistics, so that slicing mistakes show."""
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.5, 0.5)
-                m.running_mean.uniform_(-0.3, 0.3)
-                m.running_var.uniform_(0.5, 2.0)
-    return model
 
 
 INPUT = {"small": (2, 3, 8, 8), "small_gated_stem": (2, 3, 8, 8), "resnet56": (2, 3, 16, 16),

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from s2hk import TwoPathNetwork, models
 from s2hk.layers import GatedNorm
+from helpers import randomise_norms
 
 
 class Tiny(nn.Module):
@@ -85,18 +86,6 @@ class SqueezeExcite(nn.Module):
         x = F.relu(self.bn(self.stem(x)))
         s = torch.sigmoid(self.fc2(F.relu(self.fc1(F.adaptive_avg_pool2d(x, 1)))))
         return self.fc(self.bn2(self.conv(x * s)).mean((2, 3)))
-
-
-def randomise_norms(model: nn.Module) -> nn.Module:
-    """Non-trivial BN affine parameters and running statistics, so that slicing mistakes show."""
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.5, 0.5)
-                m.running_mean.uniform_(-0.3, 0.3)
-                m.running_var.uniform_(0.5, 2.0)
-    return model
 
 
 def make(cls, x, **kwargs) -> TwoPathNetwork:
