@@ -34,3 +34,18 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    """No S2HK_IMPL from the caller's environment: each test chooses its implementation itself."""
+    monkeypatch.delenv("S2HK_IMPL", raising=False)
+
+
+@pytest.fixture(scope="module")
+def full_float32():
+    """No TF32 convolutions or matmuls on a GPU, so comparisons can use float32 tolerances."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved

@@ -26,11 +26,6 @@ def no_extension(monkeypatch):
     monkeypatch.delenv("S2HK_IMPL", raising=False)
 
 
-@pytest.fixture
-def clean_env(monkeypatch):
-    monkeypatch.delenv("S2HK_IMPL", raising=False)
-
-
 def test_default_is_auto(clean_env):
     assert dispatch.requested_impl() == "auto"
 

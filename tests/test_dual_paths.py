@@ -23,18 +23,7 @@ from helpers import randomise_norms
 NUM_CLASSES = 5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def full_float32():
-    """No TF32 convolutions or matmuls on a GPU: the Triton comparisons are at float32 tolerance."""
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
-
-
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch):
-    monkeypatch.delenv("S2HK_IMPL", raising=False)
+pytestmark = pytest.mark.usefixtures("full_float32", "clean_env")
 
 
 class Small(nn.Module):

@@ -10,6 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from s2hk import TwoPathNetwork, count_flops, load_pruned, models, save_pruned
+from helpers import randomise_norms
 
 
 SIZE = 16   # 16x16 images keep wrn28_10 and resnet50 affordable on a CPU
@@ -17,14 +18,7 @@ SIZE = 16   # 16x16 images keep wrn28_10 and resnet50 affordable on a CPU
 
 def perturb_norms(model: nn.Module) -> nn.Module:
     """Mild random BN parameters and statistics, so that a wrongly sliced BN changes the output."""
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.uniform_(0.8, 1.2)
-                m.bias.uniform_(-0.1, 0.1)
-                m.running_mean.uniform_(-0.1, 0.1)
-                m.running_var.uniform_(0.8, 1.25)
-    return model
+    return randomise_norms(model, weight=(0.8, 1.2), bias=(-0.1, 0.1), mean=(-0.1, 0.1), var=(0.8, 1.25))
 
 
 def build(name: str, **kwargs) -> TwoPathNetwork:
