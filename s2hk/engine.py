@@ -22,7 +22,7 @@ from torch import Tensor
 from . import masks, ops
 from .flops import FlopsPolynomial
 from .graph import ChannelGroup, GraphAnalysis, Layout, LayerSpec, analyze
-from .layers import PathState, Selection, wrap_layer
+from .layers import ChannelReshape, ChannelSlice, PathState, Selection, wrap_layer
 
 __all__ = ["TwoPathNetwork", "HardPlan"]
 
@@ -56,11 +56,13 @@ class TwoPathNetwork(nn.Module):
         max_choices: the bound on width choices used by the default granularity.
         tau: softmax temperature of the width choices.
         importance: "dynamic" (re-rank channels from filter L1 norms at every refresh) or "frozen" (rank once).
+        prune_embedding: also prune channels normalised by a LayerNorm (a transformer's embedding width); see
+            :func:`s2hk.graph.analyze`.
     """
 
     def __init__(self, model: nn.Module, example_inputs: Any, *, ignore: Iterable[str] = (),
                  granularity: Granularity = None, max_choices: int = 32, tau: float = 1.0,
-                 importance: str = "dynamic") -> None:
+                 importance: str = "dynamic", prune_embedding: bool = False) -> None:
         super().__init__()
         if importance not in ("dynamic", "frozen"):
             raise ValueError(f"importance must be 'dynamic' or 'frozen', got {importance!r}")
@@ -68,7 +70,7 @@ class TwoPathNetwork(nn.Module):
         self.example_inputs = example_inputs
         self.tau = float(tau)
         self.importance_mode = importance
-        self.analysis: GraphAnalysis = analyze(model, example_inputs, ignore)
+        self.analysis: GraphAnalysis = analyze(model, example_inputs, ignore, prune_embedding)
         self.groups: list[ChannelGroup] = self.analysis.groups
         self.state = PathState()
         self.graph_module, self.wrappers = self._build_two_path_module()
@@ -105,8 +107,9 @@ class TwoPathNetwork(nn.Module):
         root: dict[str, Any] = {}
         wrappers: dict[str, nn.Module] = {}
         used_targets: set[str] = set()
+        self._insert_path_ops(graph, root)
         for node in graph.nodes:
-            if node.op == "call_module":
+            if node.op == "call_module" and node.name not in self._path_op_nodes:
                 target = str(node.target)
                 spec = self.analysis.layers.get(node.name)
                 if spec is None:
@@ -121,6 +124,33 @@ class TwoPathNetwork(nn.Module):
             elif node.op == "get_attr":
                 root[str(node.target)] = _fetch(source, str(node.target))
         return fx.GraphModule(root, graph, class_name="TwoPathGraph"), wrappers
+
+    def _insert_path_ops(self, graph: fx.Graph, root: dict[str, Any]) -> None:
+        """Replace the reshapes whose sizes count channels by :class:`~s2hk.layers.ChannelReshape` calls and put
+        a :class:`~s2hk.layers.ChannelSlice` between every constant and the operation combining it with
+        channels (the analysis's ``reshapes`` and ``constant_slices``)."""
+        nodes = {n.name: n for n in graph.nodes}
+        self._path_op_nodes: set[str] = set()
+        for spec in self.analysis.reshapes.values():
+            node = nodes[spec.node]
+            x, sizes = _reshape_arguments(node)
+            target = f"s2hk_reshape__{node.name}"
+            root[target] = ChannelReshape("view" if node.target == "view" else "reshape", spec.dims, self.state)
+            with graph.inserting_before(node):
+                new = graph.call_module(target, (x, *sizes))
+            new.meta = dict(node.meta)
+            node.replace_all_uses_with(new)
+            graph.erase_node(node)
+            self._path_op_nodes.add(new.name)
+        for i, spec in enumerate(self.analysis.constant_slices):
+            node = nodes[spec.node]
+            constant = _at_path(node.args, spec.arg_path)
+            target = f"s2hk_slice__{node.name}_{i}"
+            root[target] = ChannelSlice(spec.dim, spec.layout, self.state)
+            with graph.inserting_before(node):
+                sliced = graph.call_module(target, (constant,))
+            node.args = _replace_at_path(node.args, spec.arg_path, sliced)
+            self._path_op_nodes.add(sliced.name)
 
     def _build_dual_module(self) -> fx.GraphModule:
         """The traced graph with every node duplicated into a soft and a hard copy, except placeholders and
@@ -153,6 +183,12 @@ class TwoPathNetwork(nn.Module):
             elif node.op == "output":
                 graph.output((fx.map_arg(node.args[0], soft.__getitem__),
                               fx.map_arg(node.args[0], hard.__getitem__)))
+            elif node.op == "call_module" and node.name in self._path_op_nodes:
+                op = graph.create_node("get_attr", prefixed(node.target), name=f"{node.name}_op")
+                for env, path in ((soft, "soft"), (hard, "hard")):
+                    env[node] = graph.create_node("call_method", "apply",
+                                                  (op, path, *fx.map_arg(node.args, env.__getitem__)),
+                                                  name=f"{node.name}_{path}")
             elif node.op == "call_module" and node.name in self.wrappers:
                 if len(node.args) != 1 or node.kwargs or not isinstance(node.args[0], fx.Node):
                     raise NotImplementedError(f"run_dual: layer call '{node.name}' takes {node.args} {node.kwargs}; "
@@ -177,7 +213,7 @@ class TwoPathNetwork(nn.Module):
         if cache.module is None:
             cache.module = self._build_dual_module()
             specs = self.analysis.layers.values()
-            cache.layouts = tuple({layout: None for spec in specs for layout in (spec.in_layout, spec.out_layout)})
+            cache.layouts = self._hard_layouts()
             cache.gated = tuple({spec.out_layout: None for spec in specs if spec.gate})
         return cache.module
 
@@ -234,10 +270,10 @@ class TwoPathNetwork(nn.Module):
             offset = 0
             for seg in spec.out_layout:
                 slot = self._slot.get(seg.group)
-                if slot is not None:
-                    weights.append(weight[offset:offset + seg.size])
+                if slot is not None:  # a channel of several rows (an attention head) is one filter
+                    weights.append(weight[offset:offset + seg.size * seg.repeat].reshape(seg.size, -1))
                     slots.append(slot)
-                offset += seg.size
+                offset += seg.size * seg.repeat
         return weights, slots
 
     def update_ranks(self) -> None:
@@ -379,9 +415,11 @@ class TwoPathNetwork(nn.Module):
         for seg in layout:
             slot = self._slot.get(seg.group)
             if slot is None:
-                parts.append(torch.ones(seg.size, dtype=keep.dtype, device=keep.device))
-            else:
+                parts.append(torch.ones(seg.size * seg.repeat, dtype=keep.dtype, device=keep.device))
+            elif seg.repeat == 1:
                 parts.append(keep[co[slot]:co[slot + 1]])
+            else:  # every position of a channel (an attention head's rows) carries its keep-probability
+                parts.append(keep[co[slot]:co[slot + 1]].repeat_interleave(seg.repeat))
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def _group_selection(self, group: int) -> Selection:
@@ -421,12 +459,15 @@ class TwoPathNetwork(nn.Module):
 
     def prepare_hard(self) -> None:
         """Fill the path state with the hard plan's channel selections of every layout."""
-        selections = {}
-        for spec in self.analysis.layers.values():
-            for layout in (spec.in_layout, spec.out_layout):
-                if layout not in selections:
-                    selections[layout] = self._layout_selection(layout)
-        self.state.selections = selections
+        self.state.selections = {layout: self._layout_selection(layout) for layout in self._hard_layouts()}
+
+    def _hard_layouts(self) -> tuple:
+        """Every layout whose hard-path selection a layer or a path op reads."""
+        a = self.analysis
+        layouts = [layout for spec in a.layers.values() for layout in (spec.in_layout, spec.out_layout)]
+        layouts += [d for spec in a.reshapes.values() for d in spec.dims if isinstance(d, tuple)]
+        layouts += [spec.layout for spec in a.constant_slices]
+        return tuple(dict.fromkeys(layouts))
 
     def run(self, path: str, *inputs: Any) -> Any:
         """Run the traced network on the path whose state was prepared."""
@@ -497,6 +538,11 @@ class TwoPathNetwork(nn.Module):
 
         return export_hard_network(self)
 
+    def skipped_blocks(self) -> list[tuple[str, str]]:
+        """``(add, shortcut)`` node pairs of residual blocks the hard network skips (none here; depth-searching
+        methods override it): the export replaces each add by its shortcut and drops the block's layers."""
+        return []
+
     def named_layer_selections(self) -> dict[str, tuple[Selection, Selection, LayerSpec]]:
         """For every wrapped layer call: (input selection, output selection, spec), by node name."""
         self.prepare_hard()
@@ -522,6 +568,30 @@ class _DualCache:
 
     def __setstate__(self, state: dict) -> None:
         self.__init__()
+
+
+def _reshape_arguments(node: fx.Node) -> tuple[Any, tuple]:
+    """``(tensor, sizes)`` of a ``reshape`` / ``view`` call, whether the sizes are given one by one or as a
+    sequence, to a method or to ``torch.reshape``."""
+    x = node.args[0]
+    sizes = node.args[1:] if node.op == "call_method" else (node.args[1] if len(node.args) > 1
+                                                            else node.kwargs["shape"],)
+    if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)):
+        sizes = tuple(sizes[0])
+    return x, tuple(sizes)
+
+
+def _at_path(args: tuple, path: tuple) -> Any:
+    value: Any = args
+    for i in path:
+        value = value[i]
+    return value
+
+
+def _replace_at_path(args: Any, path: tuple, new: Any) -> Any:
+    items = list(args)
+    items[path[0]] = new if len(path) == 1 else _replace_at_path(items[path[0]], path[1:], new)
+    return type(args)(items) if isinstance(args, (tuple, list)) else items
 
 
 def _fetch(module: nn.Module, target: str) -> Any:

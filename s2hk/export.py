@@ -21,7 +21,8 @@ import torch.fx as fx
 import torch.nn as nn
 from torch import Tensor
 
-from .graph import trace
+from .engine import _at_path, _replace_at_path, _reshape_arguments
+from .graph import layout_width, trace
 from .layers import GatedNorm, Selection, select
 
 if TYPE_CHECKING:
@@ -127,7 +128,68 @@ def export_hard_network(net: "TwoPathNetwork") -> fx.GraphModule:
     graph = fx.Graph()
     graph.output(graph.graph_copy(source.graph, {}))
     exported = fx.GraphModule(root, graph, class_name="PrunedModel")
+    apply_graph_edits(exported, graph_edits(net))
     return exported.eval()
+
+
+def graph_edits(net: "TwoPathNetwork") -> dict:
+    """What the narrow model changes in the traced graph besides its layers, as JSON-serialisable data:
+
+    - ``reshapes``: per reshape / view node, the new size of every output dimension that counts channels (None:
+      as traced) -- attention modules then carry the kept head count;
+    - ``constant_slices``: constants combined with channels (position embeddings, per-head biases), cut to the
+      kept channels along ``dim`` before ``node`` uses them;
+    - ``skipped_blocks``: ``[add, shortcut]`` node pairs of residual blocks removed whole (the add's result
+      becomes its shortcut; the block's layers are dropped).
+    """
+    net.prepare_hard()
+    sel = net.state.selections
+
+    def positions(layout: tuple) -> int:
+        s = sel[layout]
+        return layout_width(layout) if s is None else (s if isinstance(s, int) else s.numel())
+
+    reshapes = {name: [positions(d) if isinstance(d, tuple) else d for d in spec.dims]
+                for name, spec in net.analysis.reshapes.items()}
+    slices = []
+    for spec in net.analysis.constant_slices:
+        s = sel[spec.layout]
+        if s is not None:
+            kept = list(range(s)) if isinstance(s, int) else [int(i) for i in s.tolist()]
+            slices.append({"node": spec.node, "arg_path": list(spec.arg_path), "dim": spec.dim, "kept": kept})
+    skipped = [list(pair) for pair in net.skipped_blocks()]
+    return {"reshapes": reshapes, "constant_slices": slices, "skipped_blocks": skipped}
+
+
+def apply_graph_edits(gm: fx.GraphModule, edits: dict) -> None:
+    """Apply :func:`graph_edits` to ``gm`` (a traced copy of the dense model's graph with narrowed layers), in
+    place: reshape sizes, constant cuts (index buffers ``s2hk_kept_<i>``, saved in its ``state_dict``), skipped
+    blocks (their layers deleted)."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    for name, dims in edits.get("reshapes", {}).items():
+        node = nodes[name]
+        x, sizes = _reshape_arguments(node)
+        sizes = tuple(s if d is None else int(d) for s, d in zip(sizes, dims))
+        node.args, node.kwargs = ((x, *sizes) if node.op == "call_method" else (x, sizes)), {}
+    for i, cut in enumerate(edits.get("constant_slices", [])):
+        node, path, dim, kept = nodes[cut["node"]], tuple(cut["arg_path"]), int(cut["dim"]), cut["kept"]
+        constant = _at_path(node.args, path)
+        with gm.graph.inserting_before(node):
+            if kept == list(range(len(kept))):
+                sliced = gm.graph.call_function(torch.narrow, (constant, dim, 0, len(kept)))
+            else:
+                buffer = f"s2hk_kept_{i}"
+                device = next((t.device for t in gm.parameters()), torch.device("cpu"))
+                gm.register_buffer(buffer, torch.tensor(kept, dtype=torch.long, device=device))
+                sliced = gm.graph.call_function(torch.index_select, (constant, dim, gm.graph.get_attr(buffer)))
+        node.args = _replace_at_path(node.args, path, sliced)
+    for add, shortcut in edits.get("skipped_blocks", []):
+        if add not in nodes or shortcut not in nodes:
+            raise ValueError(f"skipped block '{add}' (shortcut '{shortcut}') is not in the model's graph")
+        nodes[add].replace_all_uses_with(nodes[shortcut])
+    gm.graph.eliminate_dead_code()
+    gm.delete_all_unused_submodules()
+    gm.recompile()
 
 
 def _copy_module(module: nn.Module) -> nn.Module:
@@ -174,6 +236,7 @@ def architecture(net: "TwoPathNetwork", model_name: Optional[str] = None,
                   "convention": "FLOPs = 2 x MACs of every conv, linear and matmul, for example_input_shapes"},
         "groups": {g.name: {"channels": g.channels, "kept": w} for g, w in zip(net.prunable, net.plan.widths)},
         "layers": layers,
+        "graph_edits": graph_edits(net),
     }
 
 
@@ -228,6 +291,10 @@ def load_pruned(folder: str | Path, model: Optional[nn.Module] = None) -> fx.Gra
     graph = fx.Graph()
     graph.output(graph.graph_copy(gm.graph, {}))
     pruned = fx.GraphModule(root, graph, class_name="PrunedModel")
+    try:
+        apply_graph_edits(pruned, arch.get("graph_edits", {}))
+    except (KeyError, IndexError, TypeError, ValueError) as err:
+        raise ValueError(f"{arch_path}: its graph edits do not fit the model's graph ({err})") from err
     try:
         state = torch.load(weights_path, map_location="cpu", weights_only=True)
     except Exception as err:  # unpickling and zip errors have many types; all mean an unreadable file

@@ -15,7 +15,7 @@ Two views of the same count:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Collection, Sequence
 
 import torch
 import torch.nn as nn
@@ -128,6 +128,7 @@ class _Term:
     out_layout: Layout
     in_layout: Layout | None  # None: one input channel per output channel (depthwise)
     in_per_group_divisor: int = 1
+    node: str = ""           # fx node name of the layer call (for excluding skipped residual blocks)
 
 
 class FlopsPolynomial:
@@ -151,11 +152,15 @@ class FlopsPolynomial:
             if spec.kind == "conv":
                 a = _prod(out_shape[:1]) * _prod(out_shape[2:]) * _prod(module.kernel_size)
                 if spec.depthwise:
-                    self.terms.append(_Term(spec.target, a, spec.out_layout, None))
+                    self.terms.append(_Term(spec.target, a, spec.out_layout, None, node=spec.node))
                 else:
-                    self.terms.append(_Term(spec.target, a, spec.out_layout, spec.in_layout, module.groups))
+                    self.terms.append(_Term(spec.target, a, spec.out_layout, spec.in_layout, module.groups,
+                                            node=spec.node))
             else:
-                self.terms.append(_Term(spec.target, _prod(out_shape[:-1]), spec.out_layout, spec.in_layout))
+                self.terms.append(_Term(spec.target, _prod(out_shape[:-1]), spec.out_layout, spec.in_layout,
+                                        node=spec.node))
+        for matmul in analysis.matmuls.values():  # attention's QK^T and AV: MACs proportional to the kept heads
+            self.terms.append(_Term(matmul.node, matmul.macs_per_position, matmul.layout, None, node=matmul.node))
         self.dense_macs = count_macs(model, example_inputs)
         self.constant_macs = self.dense_macs - self.macs_at(self.full_widths)
         if self.constant_macs < 0:
@@ -183,18 +188,23 @@ class FlopsPolynomial:
     def _width(layout: Layout, widths: Sequence[int]) -> int:
         return sum(seg.repeat * widths[seg.group] for seg in layout)
 
-    def macs_at(self, widths: Sequence[int]) -> int:
-        """Exact integer MACs of the layers in the terms at integer group widths (all groups)."""
+    def macs_at(self, widths: Sequence[int], *, skipped_nodes: Collection[str] = ()) -> int:
+        """Exact integer MACs of the layers in the terms at integer group widths (all groups), leaving out the
+        terms of the layer calls named in ``skipped_nodes`` (fx node names, e.g. the layers of skipped residual
+        blocks, :attr:`s2hk.depth.SkippableBlock.layers`; pass a set for speed)."""
         total = 0
         for term in self.terms:
+            if term.node in skipped_nodes:
+                continue
             out_w = self._width(term.out_layout, widths)
             in_w = 1 if term.in_layout is None else self._width(term.in_layout, widths) // term.in_per_group_divisor
             total += term.macs_per_pair * out_w * in_w
         return total
 
-    def flops_at(self, widths: Sequence[int]) -> int:
-        """Exact FLOPs of the whole network when every group has the given integer width."""
-        return 2 * (self.constant_macs + self.macs_at(widths))
+    def flops_at(self, widths: Sequence[int], *, skipped_nodes: Collection[str] = ()) -> int:
+        """Exact FLOPs of the whole network when every group has the given integer width and the layer calls
+        in ``skipped_nodes`` do not run (see :meth:`macs_at`)."""
+        return 2 * (self.constant_macs + self.macs_at(widths, skipped_nodes=skipped_nodes))
 
     @property
     def dense_flops(self) -> int:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Optional, Sequence
 
 import torch
 import torch.fx as fx
@@ -26,8 +26,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.fx.passes.shape_prop import ShapeProp
 
-__all__ = ["Segment", "Layout", "ChannelGroup", "LayerSpec", "GraphAnalysis", "UnsupportedModelError",
-           "analyze", "trace"]
+__all__ = ["Segment", "Layout", "ChannelGroup", "LayerSpec", "ReshapeSpec", "ConstantSlice", "MatmulSpec",
+           "GraphAnalysis", "UnsupportedModelError", "analyze", "trace"]
 
 
 class UnsupportedModelError(ValueError):
@@ -97,11 +97,45 @@ class LayerSpec:
 
 
 @dataclass
+class ReshapeSpec:
+    """A reshape / view whose output sizes depend on kept channels: on the hard path (and in the export) the
+    size of output dimension ``i`` becomes the number of kept positions of ``dims[i]`` when it is a layout, the
+    traced size when it is an int (a head's size, computed by the code from a width that may shrink), and
+    stays as the code passes it when None."""
+
+    node: str
+    dims: tuple  # per output dimension: a Layout (its kept positions), an int (fixed size) or None (as traced)
+
+
+@dataclass
+class ConstantSlice:
+    """A tensor that does not depend on the input (a parameter, buffer or something computed from them) meeting
+    channels: on the hard path it is cut to the kept channels of ``layout`` along ``dim`` before ``node`` uses
+    it. ``arg_path`` locates it in ``node.args`` (``(i,)`` or ``(i, j)`` inside a list argument)."""
+
+    node: str
+    arg_path: tuple
+    dim: int
+    layout: Layout
+
+
+@dataclass
+class MatmulSpec:
+    """A matrix product whose batch dimension carries channels (attention heads): its MACs are
+    ``macs_per_position`` times the kept positions of ``layout``."""
+
+    node: str
+    layout: Layout
+    macs_per_position: int
+
+
+@dataclass
 class _TensorInfo:
     layout: Layout
     axis: int            # channel dimension (non-negative)
     ndim: int
     shape: tuple
+    parts_axis: Optional[int] = None  # a dimension indexing equal parts of the channels (fused q / k / v)
 
 
 class _UnionFind:
@@ -158,6 +192,15 @@ _ADD_LIKE = {operator.add, operator.sub, torch.add, torch.sub, operator.iadd, op
 _MUL_LIKE = {operator.mul, torch.mul, operator.imul, operator.truediv, torch.div, "mul", "mul_", "div"}
 _CAT = {torch.cat, torch.concat, torch.concatenate}
 _SHAPE_QUERIES = {"size", "dim", "numel"}
+_PERMUTE = {"permute", "transpose", "swapaxes", torch.permute, torch.transpose, torch.swapaxes}
+_UNSQUEEZE = {"unsqueeze", torch.unsqueeze}
+_SQUEEZE = {"squeeze", torch.squeeze}
+_EXPAND = {"expand", "expand_as"}
+_SOFTMAX = {"softmax", "log_softmax", torch.softmax, torch.log_softmax, F.softmax, F.log_softmax}
+_ROLL = {"roll", torch.roll}
+_MATMUL = {operator.matmul, torch.matmul, torch.bmm, "matmul", "bmm"}
+_UNBIND = {"unbind", torch.unbind}
+_CHUNK = {"chunk", torch.chunk}
 
 
 def trace(model: nn.Module) -> fx.GraphModule:
@@ -180,6 +223,9 @@ class GraphAnalysis:
     layers: dict[str, LayerSpec]          # by node name
     node_shapes: dict[str, tuple]         # output shape of every tensor node, from example_inputs
     opaque_nodes: list[str]               # nodes run at full width (ignored or frozen-only)
+    reshapes: dict[str, ReshapeSpec] = field(default_factory=dict)          # by node name
+    constant_slices: list[ConstantSlice] = field(default_factory=list)
+    matmuls: dict[str, MatmulSpec] = field(default_factory=dict)            # by node name
 
     def prunable_groups(self) -> list[ChannelGroup]:
         return [g for g in self.groups if g.prunable]
@@ -196,13 +242,19 @@ class GraphAnalysis:
         return "\n".join(lines)
 
 
-def analyze(model: nn.Module, example_inputs: Any, ignore: Iterable[str] = ()) -> GraphAnalysis:
+def analyze(model: nn.Module, example_inputs: Any, ignore: Iterable[str] = (),
+            prune_embedding: bool = False) -> GraphAnalysis:
     """Trace ``model`` and find its channel groups.
 
     Args:
-        model: any module built from standard layers (conv, linear, norms, activations, pooling, add/mul/cat).
+        model: any module built from standard layers (conv, linear, norms, activations, pooling, add/mul/cat,
+            and the tensor ops of attention: reshape/view, permute/transpose, unbind, matmul, softmax,
+            scaled_dot_product_attention).
         example_inputs: a tensor or tuple of tensors accepted by ``model.forward`` (shapes set spatial sizes).
         ignore: module names (or fx node names) to run dense; channels they touch are frozen.
+        prune_embedding: also prune channels normalised by a LayerNorm (a transformer's embedding width, shared
+            by its residual stream and every LayerNorm on it). Off by default: a LayerNorm normalises over all
+            channels on the soft path but over the kept ones on the hard path, so the two paths differ more.
     Raises:
         UnsupportedModelError: listing every layer whose channels cannot be followed, with the reason.
     """
@@ -216,12 +268,20 @@ def analyze(model: nn.Module, example_inputs: Any, ignore: Iterable[str] = ()) -
     finally:
         for m, flag in was_training.items():
             m.train(flag)
-    return _Analyzer(gm, tuple(ignore)).run()
+    return _Analyzer(gm, tuple(ignore), prune_embedding).run()
 
 
 class _Analyzer:
-    def __init__(self, gm: fx.GraphModule, ignore: Sequence[str]) -> None:
+    def __init__(self, gm: fx.GraphModule, ignore: Sequence[str], prune_embedding: bool = False) -> None:
         self.gm = gm
+        self.prune_embedding = prune_embedding
+        self.refined: dict[int, tuple] = {}         # space -> the Segments of new spaces that replaced it
+        self.tuple_info: dict[str, list] = {}       # tuple-valued node (unbind, chunk) -> _TensorInfo per element
+        self.tuple_shapes: dict[str, list] = {}
+        self.reshapes: dict[str, ReshapeSpec] = {}
+        self.constant_slices: list[ConstantSlice] = []
+        self.matmuls: dict[str, MatmulSpec] = {}
+        self.layer_norm_spaces: dict[int, str] = {}  # space -> a LayerNorm normalising over it
         self.modules = dict(gm.named_modules())
         self.ignore = ignore
         self.uf = _UnionFind()
@@ -244,12 +304,90 @@ class _Analyzer:
             self.frozen.setdefault(s, []).append(frozen)
         return s
 
-    def freeze(self, layout: Layout, reason: str) -> None:
+    def resolve(self, layout: Layout) -> Layout:
+        """``layout`` with every refined space replaced by the spaces that replaced it."""
+        out: list[Segment] = []
         for seg in layout:
+            subs = self.refined.get(seg.group)
+            if subs is None:
+                out.append(seg)
+            else:
+                out.extend(self.resolve(tuple(Segment(s.group, s.size, s.repeat * seg.repeat) for s in subs)))
+        return tuple(out)
+
+    def layout(self, info: _TensorInfo) -> Layout:
+        info.layout = self.resolve(info.layout)
+        return info.layout
+
+    def refine(self, space: int, pieces: Sequence[tuple[int, int]]) -> None:
+        """Re-express ``space`` -- and every space merged with it, in parallel -- as consecutive new spaces:
+        piece ``i`` has ``n_i`` units, each ``m_i`` of the old units (splitting a linear's outputs into q / k / v,
+        or its channels into whole attention heads)."""
+        root = self.uf.find(space)
+        members = [s for s in range(len(self.uf.parent)) if s not in self.refined and self.uf.find(s) == root]
+        first: Optional[tuple] = None
+        for s in members:
+            subs = tuple(Segment(self.new_space(n, producer=self.producer_of.get(s)), n, m) for n, m in pieces)
+            for sub in subs:
+                if s in self.frozen:
+                    self.frozen[sub.group] = list(self.frozen[s])
+                if s in self.layer_norm_spaces:
+                    self.layer_norm_spaces[sub.group] = self.layer_norm_spaces[s]
+            self.refined[s] = subs
+            if first is None:
+                first = subs
+            else:
+                for a, b in zip(first, subs):
+                    self.uf.union(a.group, b.group)
+
+    def to_units(self, layout: Layout, unit: int) -> Layout:
+        """``layout`` re-expressed along a new axis whose every index spans ``unit`` positions of the old one
+        (a split of ``(.., C)`` into ``(.., C / unit, unit)``); spaces are coarsened so a unit is one channel."""
+        out: list[Segment] = []
+        for original in layout:
+            for seg in self.resolve((original,)):
+                if seg.repeat % unit == 0:
+                    out.append(Segment(seg.group, seg.size, seg.repeat // unit))
+                    continue
+                m = unit // seg.repeat
+                if unit % seg.repeat or seg.size % m:
+                    raise _Unsupported(f"reshape into units of {unit} splits a channel group of {seg.size} x "
+                                       f"{seg.repeat} positions")
+                self.refine(seg.group, [(seg.size // m, m)])
+                (coarse,) = self.resolve((seg,))
+                out.append(Segment(coarse.group, coarse.size, 1))
+        return tuple(out)
+
+    def split_parts(self, layout: Layout, parts: int) -> list[Layout]:
+        """``layout`` cut into ``parts`` equal runs of positions, refining spaces that straddle a cut."""
+        step = layout_width(layout) // parts
+        queue = list(self.resolve(layout))
+        out: list[list[Segment]] = [[]]
+        filled = 0
+        while queue:
+            if filled == step:
+                out.append([])
+                filled = 0
+            seg = queue.pop(0)
+            room = step - filled
+            if seg.size * seg.repeat <= room:
+                out[-1].append(seg)
+                filled += seg.size * seg.repeat
+                continue
+            if room % seg.repeat:
+                raise _Unsupported("a split of the channel dimension cuts through a channel unit")
+            first = room // seg.repeat
+            self.refine(seg.group, [(first, 1), (seg.size - first, 1)])
+            queue[:0] = list(self.resolve((seg,)))
+        return [tuple(p) for p in out]
+
+    def freeze(self, layout: Layout, reason: str) -> None:
+        for seg in self.resolve(layout):
             self.frozen.setdefault(seg.group, []).append(reason)
 
     def unify(self, a: Layout, b: Layout, where: str) -> bool:
         """Merge two layouts segment by segment; if their segment boundaries differ, freeze both."""
+        a, b = self.resolve(a), self.resolve(b)
         if len(a) == len(b) and all(x.size == y.size and x.repeat == y.repeat for x, y in zip(a, b)):
             for x, y in zip(a, b):
                 self.uf.union(x.group, y.group)
@@ -281,9 +419,14 @@ class _Analyzer:
     def tensor_args(self, node: fx.Node) -> list[fx.Node]:
         return [a for a in node.all_input_nodes if a.name in self.info]
 
-    def make_info(self, node: fx.Node, layout: Layout, axis: int) -> None:
+    def tracked_args(self, node: fx.Node) -> list[fx.Node]:
+        return [a for a in node.all_input_nodes
+                if a.name in self.info or a.name in self.tuple_info or a.name in self.opaque_set]
+
+    def make_info(self, node: fx.Node, layout: Layout, axis: int, parts_axis: Optional[int] = None) -> None:
         shape = self.shapes[node.name]
-        self.info[node.name] = _TensorInfo(layout, axis % len(shape), len(shape), shape)
+        self.info[node.name] = _TensorInfo(layout, axis % len(shape), len(shape), shape,
+                                           None if parts_axis is None else parts_axis % len(shape))
 
     # ----------------------------------------------------------------- main loop
     def run(self) -> GraphAnalysis:
@@ -291,6 +434,8 @@ class _Analyzer:
             meta = node.meta.get("tensor_meta")
             if meta is not None and hasattr(meta, "shape"):
                 self.shapes[node.name] = tuple(meta.shape)
+            elif isinstance(meta, (tuple, list)) and meta and all(hasattr(m, "shape") for m in meta):
+                self.tuple_shapes[node.name] = [tuple(m.shape) for m in meta]
         for node in self.gm.graph.nodes:
             try:
                 self.visit(node)
@@ -314,11 +459,12 @@ class _Analyzer:
         if node.op == "output":
             for arg in self.tensor_args(node):
                 self.freeze(self.info[arg.name].layout, "reaches the model output")
+            for arg in node.all_input_nodes:
+                for info in self.tuple_info.get(arg.name, ()):
+                    self.freeze(info.layout, "reaches the model output")
             return
-        if node.op == "get_attr":
-            return
-        if node.name not in self.shapes and not self.tensor_args(node):
-            return  # shape arithmetic, constants
+        if node.op == "get_attr" or not self.tracked_args(node):
+            return  # constants (parameters, buffers and what is computed from them alone), shape arithmetic
         if self.ignored(node):
             self.opaque_node(node, "ignored by the user")
             return
@@ -335,6 +481,9 @@ class _Analyzer:
         where = f"{self.scope(node)} ({reason})"
         for arg in self.tensor_args(node):
             self.freeze(self.info[arg.name].layout, where)
+        for arg in node.all_input_nodes:
+            for info in self.tuple_info.get(arg.name, ()):
+                self.freeze(info.layout, where)
         shape = self.shapes.get(node.name)
         if shape is not None and len(shape) >= 2:
             axis = 1 if len(shape) >= 3 else len(shape) - 1
@@ -356,11 +505,11 @@ class _Analyzer:
             self.visit_conv(node, module)
         elif isinstance(module, nn.Linear):
             inp = self.single_input(node)
-            if inp.axis != inp.ndim - 1:
+            if inp.axis != inp.ndim - 1 or inp.parts_axis is not None:
                 raise _Unsupported("nn.Linear applied along a dimension that is not the channel dimension")
             self.check_width(inp, module.in_features, name)
             space = self.new_space(module.out_features, producer=name)
-            self.layers[node.name] = LayerSpec(node.name, name, "linear", inp.layout,
+            self.layers[node.name] = LayerSpec(node.name, name, "linear", self.layout(inp),
                                                (Segment(space, module.out_features),))
             self.make_info(node, self.layers[node.name].out_layout, -1)
         elif isinstance(module, _NORM):
@@ -368,17 +517,23 @@ class _Analyzer:
             if isinstance(module, nn.LayerNorm) and (len(module.normalized_shape) != 1 or inp.axis != inp.ndim - 1):
                 self.opaque_node(node, "LayerNorm over more than the channel dimension runs dense")
                 return
-            if any(seg.repeat != 1 for seg in inp.layout):
+            layout = self.layout(inp)
+            if isinstance(module, nn.LayerNorm):
+                for seg in layout:
+                    self.layer_norm_spaces.setdefault(seg.group, name)
+            elif any(seg.repeat != 1 for seg in layout):
                 raise _Unsupported("norm layer over flattened channels")
-            self.layers[node.name] = LayerSpec(node.name, name, "norm", inp.layout, inp.layout)
-            self.make_info(node, inp.layout, inp.axis)
+            self.layers[node.name] = LayerSpec(node.name, name, "norm", layout, layout)
+            self.make_info(node, layout, inp.axis)
         elif isinstance(module, (nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)):
             self.opaque_node(node, f"{type(module).__name__} runs at full width")
         elif isinstance(module, nn.PReLU) and module.num_parameters > 1:
             self.opaque_node(node, "PReLU with per-channel slopes runs at full width")
+        elif isinstance(module, (nn.Softmax, nn.LogSoftmax)):
+            self.visit_softmax(node, module.dim)
         elif isinstance(module, _ELEMENTWISE_MODULES + _POOL_MODULES + (nn.PReLU,)):
             inp = self.single_input(node)
-            self.make_info(node, inp.layout, inp.axis)
+            self.make_info(node, inp.layout, inp.axis, inp.parts_axis)
         elif isinstance(module, nn.Flatten):
             self.visit_reshape(node)
         else:
@@ -392,21 +547,22 @@ class _Analyzer:
     def visit_conv(self, node: fx.Node, conv: nn.Conv2d) -> None:
         name = str(node.target)
         inp = self.single_input(node)
-        if inp.axis != 1:
+        if inp.axis != 1 or inp.parts_axis is not None:
             raise _Unsupported("convolution over a tensor whose channels are not in dimension 1")
         self.check_width(inp, conv.in_channels, name)
-        if any(seg.repeat != 1 for seg in inp.layout):
+        layout = self.layout(inp)
+        if any(seg.repeat != 1 for seg in layout):
             raise _Unsupported("convolution over flattened channels")
         if conv.groups == 1:
             space = self.new_space(conv.out_channels, producer=name)
-            spec = LayerSpec(node.name, name, "conv", inp.layout, (Segment(space, conv.out_channels),))
+            spec = LayerSpec(node.name, name, "conv", layout, (Segment(space, conv.out_channels),))
         elif conv.groups == conv.in_channels == conv.out_channels:
-            spec = LayerSpec(node.name, name, "conv", inp.layout, inp.layout, depthwise=True)
+            spec = LayerSpec(node.name, name, "conv", layout, layout, depthwise=True)
         else:
             reason = f"grouped convolution {name} (groups={conv.groups}) runs at full width"
-            self.freeze(inp.layout, reason)
+            self.freeze(layout, reason)
             space = self.new_space(conv.out_channels, producer=name, frozen=reason)
-            spec = LayerSpec(node.name, name, "conv", inp.layout, (Segment(space, conv.out_channels),))
+            spec = LayerSpec(node.name, name, "conv", layout, (Segment(space, conv.out_channels),))
         self.layers[node.name] = spec
         self.make_info(node, spec.out_layout, 1)
 
@@ -414,9 +570,11 @@ class _Analyzer:
     def visit_function(self, node: fx.Node) -> None:
         target = node.target
         is_method = node.op == "call_method"
-        if is_method and target in _SHAPE_QUERIES:
+        if (is_method and target in _SHAPE_QUERIES) or target is getattr:
             return
-        if target in _ELEMENTWISE_FUNCTIONS or (is_method and target in _ELEMENTWISE_METHODS):
+        if target is operator.getitem:
+            self.visit_getitem(node)
+        elif target in _ELEMENTWISE_FUNCTIONS or (is_method and target in _ELEMENTWISE_METHODS):
             self.passthrough(node)
         elif target in _RESHAPE_FUNCTIONS or (is_method and target in _RESHAPE_METHODS):
             self.visit_reshape(node)
@@ -428,6 +586,27 @@ class _Analyzer:
             self.visit_binary(node, multiply=True)
         elif target in _CAT:
             self.visit_cat(node)
+        elif target in _PERMUTE:
+            self.visit_permute(node)
+        elif target in _UNSQUEEZE or target in _SQUEEZE or target in _EXPAND:
+            self.visit_broadcast_shape(node)
+        elif target in _SOFTMAX:
+            self.visit_softmax(node, _arg(node, 1, "dim"))
+        elif target in _ROLL:
+            dims = _arg(node, 2, "dims")
+            info = self.single_input(node)
+            dims = (dims,) if isinstance(dims, int) else tuple(dims or ())
+            if not dims or any(d % info.ndim in (info.axis, info.parts_axis) for d in dims):
+                raise _Unsupported("rolls along the channel dimension")
+            self.make_info(node, info.layout, info.axis, info.parts_axis)
+        elif target in _MATMUL:
+            self.visit_matmul(node)
+        elif target is F.scaled_dot_product_attention:
+            self.visit_attention(node)
+        elif target in _UNBIND:
+            self.visit_unbind(node)
+        elif target in _CHUNK:
+            self.visit_chunk(node)
         else:
             name = getattr(target, "__name__", str(target))
             raise _Unsupported(f"operation '{name}' is not one s2hk knows how to prune through")
@@ -442,49 +621,164 @@ class _Analyzer:
             return
         if len(shape) != info.ndim or shape[info.axis] != info.shape[info.axis]:
             raise _Unsupported("changes the channel dimension")
-        self.make_info(node, info.layout, info.axis)
+        self.make_info(node, info.layout, info.axis, info.parts_axis)
+
+    def visit_softmax(self, node: fx.Node, dim: Any) -> None:
+        info = self.single_input(node)
+        if dim is None or int(dim) % info.ndim in (info.axis, info.parts_axis):
+            raise _Unsupported("softmax over the channel dimension")
+        self.make_info(node, info.layout, info.axis, info.parts_axis)
+
+    def visit_getitem(self, node: fx.Node) -> None:
+        source, index = node.args[0], node.args[1]
+        if source.name in self.tuple_info:
+            element = self.tuple_info[source.name][index]
+            self.make_info(node, element.layout, element.axis, element.parts_axis)
+            return
+        info = self.info[source.name]
+        items = index if isinstance(index, tuple) else (index,)
+        if any(not (i is None or i is Ellipsis or isinstance(i, (int, slice))) for i in items):
+            raise _Unsupported("indexing with a tensor or list")
+        consuming = sum(1 for i in items if i is not None and i is not Ellipsis)
+        expanded: list = []
+        for i in items:
+            expanded.extend([slice(None)] * (info.ndim - consuming) if i is Ellipsis else [i])
+        expanded += [slice(None)] * (info.ndim - sum(1 for i in expanded if i is not None))
+        in_dim = out_dim = 0
+        axis = parts_axis = None
+        for i in expanded:
+            if i is None:
+                out_dim += 1
+                continue
+            if in_dim == info.axis:
+                if i != slice(None):
+                    raise _Unsupported("indexing that selects part of the channel dimension")
+                axis = out_dim
+            elif in_dim == info.parts_axis and isinstance(i, slice):
+                if i != slice(None):
+                    raise _Unsupported("indexing that selects some of the fused parts of the channels")
+                parts_axis = out_dim
+            in_dim += 1
+            out_dim += 0 if isinstance(i, int) else 1
+        self.make_info(node, info.layout, axis, parts_axis)
+
+    def visit_permute(self, node: fx.Node) -> None:
+        info = self.single_input(node)
+        if node.target in ("transpose", torch.transpose, "swapaxes", torch.swapaxes):
+            a, b = (int(d) % info.ndim for d in (_arg(node, 1, "dim0"), _arg(node, 2, "dim1")))
+            order = list(range(info.ndim))
+            order[a], order[b] = order[b], order[a]
+        else:
+            dims = node.args[1:] if node.op == "call_method" else (_arg(node, 1, "dims"),)
+            if len(dims) == 1 and isinstance(dims[0], (tuple, list)):
+                dims = tuple(dims[0])
+            order = [int(d) % info.ndim for d in dims]
+        moved = None if info.parts_axis is None else order.index(info.parts_axis)
+        self.make_info(node, info.layout, order.index(info.axis), moved)
+
+    def visit_broadcast_shape(self, node: fx.Node) -> None:
+        """unsqueeze / squeeze / expand: dimensions of size one come or go; the channel dimension is found by
+        its position from the end, or from the start when dimensions were added or removed after it."""
+        info = self.single_input(node)
+        shape = self.shapes[node.name]
+        if node.target in _EXPAND:
+            shift = len(shape) - info.ndim
+        elif node.target in _UNSQUEEZE:
+            d = int(_arg(node, 1, "dim")) % len(shape)
+            shift = 1 if d <= info.axis else 0
+        else:
+            d = _arg(node, 1, "dim")
+            if d is None:
+                raise _Unsupported("squeeze() without a dimension")
+            d = int(d) % info.ndim
+            if d == info.axis:
+                raise _Unsupported("squeezes the channel dimension")
+            shift = -1 if d < info.axis else 0
+        axis = info.axis + shift
+        if not 0 <= axis < len(shape) or shape[axis] != info.shape[info.axis] or info.parts_axis is not None:
+            raise _Unsupported("changes the channel dimension")
+        self.make_info(node, info.layout, axis)
 
     def visit_reshape(self, node: fx.Node) -> None:
         info = self.single_input(node)
         shape = self.shapes[node.name]
         if shape == info.shape:
-            self.make_info(node, info.layout, info.axis)
+            self.make_info(node, info.layout, info.axis, info.parts_axis)
             return
-        # the one reshape that keeps channels intact: (N, C, *rest) -> (N, C * prod(rest))
-        rest = 1
-        for s in info.shape[info.axis + 1:]:
-            rest *= s
-        if (info.axis == 1 and len(shape) == 2 and shape[0] == info.shape[0]
-                and shape[1] == info.shape[1] * rest):
-            layout = tuple(Segment(s.group, s.size, s.repeat * rest) for s in info.layout)
-            self.make_info(node, layout, 1)
-            return
-        raise _Unsupported(f"reshape {tuple(info.shape)} -> {tuple(shape)} changes the channel dimension")
+        if info.parts_axis is not None:
+            raise _Unsupported("reshape of a tensor whose channels are split into fused parts")
+        explicit = node.op != "call_module" and node.target not in ("flatten", torch.flatten)
+        a, channels, layout = info.axis, info.shape[info.axis], self.layout(info)
+        before, after = _prod(info.shape[:a]), _prod(info.shape[a + 1:])
+        j = 0
+        while j < len(shape) and _prod(shape[:j]) < before:
+            j += 1
+        while j < len(shape) - 1 and shape[j] == 1 and channels != 1:
+            j += 1
+        if j >= len(shape) or _prod(shape[:j]) != before:
+            raise _Unsupported(f"reshape {tuple(info.shape)} -> {tuple(shape)} mixes the channel dimension "
+                               "with the dimensions before it")
+        dims: list = [None] * len(shape)
+        if shape[j] == channels:                              # channels intact, maybe moved
+            self.make_info(node, layout, j)
+            dims[j] = layout
+        elif shape[j] % channels == 0 and any(_prod(info.shape[a + 1:a + 1 + t]) == shape[j] // channels
+                                              for t in range(1, info.ndim - a)):
+            merged = shape[j] // channels                    # channels flattened with the dimensions after them
+            new = tuple(Segment(s.group, s.size, s.repeat * merged) for s in layout)
+            self.make_info(node, new, j)
+            dims[j] = new
+        else:                                                 # channels split into (parts,) units, unit size
+            end = j + 1
+            while end <= len(shape) and _prod(shape[j:end]) < channels:
+                end += 1
+            split = shape[j:end]
+            if _prod(split) != channels or len(split) not in (2, 3) or _prod(shape[end:]) != after:
+                raise _Unsupported(f"reshape {tuple(info.shape)} -> {tuple(shape)} splits the channel dimension "
+                                   "in a way s2hk cannot follow (supported: (C) -> (units, size) or "
+                                   "(parts, units, size), e.g. attention heads)")
+            dims[j:end] = split  # the parts and the unit size are fixed, whatever the code computes them from
+            if len(split) == 2:
+                units = self.to_units(layout, split[1])
+                self.make_info(node, units, j)
+                dims[j] = units
+            else:
+                parts = [self.to_units(p, split[2]) for p in self.split_parts(layout, split[0])]
+                for other in parts[1:]:  # the reshaped tensor is rectangular: every part keeps the same units
+                    self.unify(parts[0], other, self.scope(node))
+                self.make_info(node, parts[0], j + 1, j)
+                dims[j + 1] = parts[0]
+        if explicit:
+            self.reshapes[node.name] = ReshapeSpec(node.name, tuple(dims))
 
     def visit_reduce(self, node: fx.Node) -> None:
         info = self.single_input(node)
         shape = self.shapes[node.name]
-        if len(shape) >= 2 and shape[0] == info.shape[0] and shape[1] == info.shape[info.axis] and info.axis == 1:
-            self.make_info(node, info.layout, 1)
-            return
-        raise _Unsupported("reduction over the channel dimension")
+        dim = _arg(node, 1, "dim")
+        keepdim = bool(_arg(node, 2, "keepdim") or False)
+        if dim is None or info.parts_axis is not None:
+            raise _Unsupported("reduction over the channel dimension")
+        dims = {int(d) % info.ndim for d in ((dim,) if isinstance(dim, int) else dim)}
+        if info.axis in dims:
+            raise _Unsupported("reduction over the channel dimension")
+        axis = info.axis if keepdim else info.axis - sum(1 for d in dims if d < info.axis)
+        if shape[axis] != info.shape[info.axis]:
+            raise _Unsupported("reduction over the channel dimension")
+        self.make_info(node, info.layout, axis)
 
     def visit_binary(self, node: fx.Node, multiply: bool) -> None:
         operands = self.tensor_args(node)
         shape = self.shapes.get(node.name)
         if shape is None:
             return
-        if not operands:
-            if any(a.op not in ("get_attr",) for a in node.all_input_nodes):
-                raise _Unsupported("its operands come from operations whose channels are unknown")
-            return
         if len(operands) == 1:
             info = self.info[operands[0].name]
-            self.check_constant_operand(node, info)
-            self.make_info(node, info.layout, info.axis)
+            self.slice_constants(node, info)
+            self.make_info(node, info.layout, info.axis + len(shape) - info.ndim,
+                           None if info.parts_axis is None else info.parts_axis + len(shape) - info.ndim)
             return
         a, b = (self.info[o.name] for o in operands[:2])
-        if a.axis != b.axis and a.shape[a.axis] != 1 and b.shape[b.axis] != 1:
+        if a.ndim - a.axis != b.ndim - b.axis and a.shape[a.axis] != 1 and b.shape[b.axis] != 1:
             raise _Unsupported("operands have their channels in different dimensions")
         self.unify(a.layout, b.layout, self.scope(node))
         if multiply:
@@ -493,18 +787,24 @@ class _Analyzer:
             attention = 1 if _numel(b.shape) <= _numel(a.shape) else 0
             self.mark_attention(operands[attention], node)
         main = a if _numel(a.shape) >= _numel(b.shape) else b
-        self.make_info(node, main.layout, main.axis)
+        self.make_info(node, main.layout, main.axis + len(shape) - main.ndim,
+                       None if main.parts_axis is None else main.parts_axis + len(shape) - main.ndim)
 
-    def check_constant_operand(self, node: fx.Node, info: _TensorInfo) -> None:
-        """A parameter or buffer combined along the channel axis fixes the width of those channels."""
-        for arg in node.all_input_nodes:
-            if arg.op == "get_attr":
-                value = _fetch_attr(self.gm, str(arg.target))
-                if isinstance(value, torch.Tensor) and value.dim() > 0:
-                    axis_from_end = info.ndim - info.axis
-                    if value.dim() >= axis_from_end and value.shape[value.dim() - axis_from_end] != 1:
-                        self.freeze(info.layout, f"{self.scope(node)}: combined with '{arg.target}' along "
-                                                 "the channel dimension")
+    def slice_constants(self, node: fx.Node, info: _TensorInfo) -> None:
+        """A tensor computed without the model input (a parameter, buffer, or what is made from them) combined
+        with channels: cut to the kept channels on the hard path (a position embedding, a per-head bias)."""
+        from_end = info.ndim - info.axis
+        for i, arg in enumerate(node.args):
+            if not isinstance(arg, fx.Node) or arg.name in self.info or arg.name not in self.shapes:
+                continue
+            cshape = self.shapes[arg.name]
+            d = len(cshape) - from_end
+            if d < 0 or cshape[d] == 1:
+                continue  # broadcast along the channels
+            if cshape[d] != info.shape[info.axis]:
+                raise _Unsupported(f"combines '{arg.name}' of shape {tuple(cshape)} with {info.shape[info.axis]} "
+                                   "channels")
+            self.constant_slices.append(ConstantSlice(node.name, (i,), d, info.layout))
 
     def mark_attention(self, start: fx.Node, where: fx.Node) -> None:
         node = start
@@ -525,17 +825,93 @@ class _Analyzer:
     def visit_cat(self, node: fx.Node) -> None:
         tensors = node.args[0]
         dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
-        infos = [self.info[t.name] for t in tensors if isinstance(t, fx.Node) and t.name in self.info]
-        if len(infos) != len(tensors):
+        if any(not isinstance(t, fx.Node) or (t.name not in self.info and t.name not in self.shapes)
+               for t in tensors):
             raise _Unsupported("concatenation of tensors whose channels are unknown")
-        axis = dim % infos[0].ndim
-        if axis == infos[0].axis:
-            layout = tuple(seg for info in infos for seg in info.layout)
-            self.make_info(node, layout, axis)
+        ref = next(self.info[t.name] for t in tensors if t.name in self.info)
+        axis = dim % ref.ndim
+        if axis == ref.axis:
+            layout: list[Segment] = []
+            for t in tensors:
+                if t.name in self.info:
+                    layout.extend(self.layout(self.info[t.name]))
+                else:
+                    width = self.shapes[t.name][axis]
+                    space = self.new_space(width, frozen=f"{self.scope(node)}: constant concatenated along channels")
+                    layout.append(Segment(space, width))
+            self.make_info(node, tuple(layout), axis)
+            return
+        for i, t in enumerate(tensors):
+            if t.name in self.info:
+                self.unify(ref.layout, self.info[t.name].layout, self.scope(node))
+            elif self.shapes[t.name][ref.axis] != 1:
+                self.constant_slices.append(ConstantSlice(node.name, (0, i), ref.axis, ref.layout))
+        self.make_info(node, ref.layout, ref.axis, ref.parts_axis)
+
+    def visit_matmul(self, node: fx.Node) -> None:
+        """``a @ b`` of two channel-carrying tensors whose channels are a batch dimension (attention heads):
+        the heads of both operands are the same channels; the MACs scale with the kept heads."""
+        operands = self.tensor_args(node)
+        shape = self.shapes[node.name]
+        if len(operands) != 2:
+            raise _Unsupported("matrix product of channels with a constant (use nn.Linear)")
+        a, b = (self.info[o.name] for o in operands)
+        from_end = a.ndim - a.axis
+        if from_end <= 2 or b.ndim - b.axis != from_end or a.parts_axis is not None or b.parts_axis is not None:
+            raise _Unsupported("matrix product over the channel dimension (only products batched over channels, "
+                               "as attention heads, are supported)")
+        self.unify(a.layout, b.layout, self.scope(node))
+        self.make_info(node, a.layout, len(shape) - from_end)
+        macs = _numel(shape) * a.shape[-1]
+        self.matmuls[node.name] = MatmulSpec(node.name, a.layout, macs // layout_width(a.layout))
+
+    def visit_attention(self, node: fx.Node) -> None:
+        q, k, v = (node.args[i] if len(node.args) > i else node.kwargs.get(n)
+                   for i, n in enumerate(("query", "key", "value")))
+        if any(not isinstance(t, fx.Node) or t.name not in self.info for t in (q, k, v)):
+            raise _Unsupported("attention over tensors whose channels are unknown")
+        infos = [self.info[t.name] for t in (q, k, v)]
+        from_end = infos[0].ndim - infos[0].axis
+        if from_end <= 2 or any(i.ndim - i.axis != from_end or i.parts_axis is not None for i in infos):
+            raise _Unsupported("attention whose channels are not a batch dimension (heads)")
+        mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
+        if isinstance(mask, fx.Node) and mask.name in self.info:
+            raise _Unsupported("attention mask computed from the input's channels")
+        for other in infos[1:]:
+            self.unify(infos[0].layout, other.layout, self.scope(node))
+        shape = self.shapes[node.name]
+        self.make_info(node, infos[0].layout, len(shape) - from_end)
+        qs, ks, vs = (i.shape for i in infos)
+        macs = _prod(qs[:-2]) * qs[-2] * ks[-2] * (qs[-1] + vs[-1])
+        self.matmuls[node.name] = MatmulSpec(node.name, infos[0].layout, macs // layout_width(infos[0].layout))
+
+    def visit_unbind(self, node: fx.Node) -> None:
+        info = self.single_input(node)
+        d = int(_arg(node, 1, "dim") or 0) % info.ndim
+        if d == info.axis:
+            raise _Unsupported("unbind along the channel dimension")
+        shapes = self.tuple_shapes[node.name]
+        axis = info.axis - (1 if d < info.axis else 0)
+        parts_axis = None
+        if info.parts_axis is not None and d != info.parts_axis:
+            parts_axis = info.parts_axis - (1 if d < info.parts_axis else 0)
+        self.tuple_info[node.name] = [_TensorInfo(info.layout, axis, len(s), s, parts_axis) for s in shapes]
+
+    def visit_chunk(self, node: fx.Node) -> None:
+        info = self.single_input(node)
+        chunks = int(_arg(node, 1, "chunks"))
+        d = int(_arg(node, 2, "dim") or 0) % info.ndim
+        shapes = self.tuple_shapes[node.name]
+        if d == info.parts_axis:
+            raise _Unsupported("chunk along the fused parts of the channels")
+        if d == info.axis:
+            if info.shape[d] % chunks:
+                raise _Unsupported("chunk of the channel dimension into unequal parts")
+            layouts = self.split_parts(self.layout(info), chunks)
         else:
-            for other in infos[1:]:
-                self.unify(infos[0].layout, other.layout, self.scope(node))
-            self.make_info(node, infos[0].layout, infos[0].axis)
+            layouts = [info.layout] * len(shapes)
+        self.tuple_info[node.name] = [_TensorInfo(l, info.axis, len(s), s, info.parts_axis)
+                                      for l, s in zip(layouts, shapes)]
 
     # ----------------------------------------------------------------- groups
     def finish(self) -> GraphAnalysis:
@@ -543,6 +919,8 @@ class _Analyzer:
         groups: list[ChannelGroup] = []
         canonical: dict[int, int] = {}
         for space in range(len(self.uf.parent)):
+            if space in self.refined:
+                continue
             root = self.uf.find(space)
             if root not in roots:
                 roots[root] = len(groups)
@@ -550,8 +928,17 @@ class _Analyzer:
                                            self.uf.size[root]))
             canonical[space] = roots[root]
         for space, reasons in self.frozen.items():
-            groups[canonical[space]].frozen_reasons.extend(reasons)
+            if space in canonical:
+                groups[canonical[space]].frozen_reasons.extend(reasons)
+        if not self.prune_embedding:
+            for space, norm in self.layer_norm_spaces.items():
+                if space in canonical:
+                    groups[canonical[space]].frozen_reasons.append(
+                        f"normalised by LayerNorm '{norm}' (an embedding width: pass prune_embedding=True to "
+                        "prune it)")
         for space, producer in self.producer_of.items():
+            if space not in canonical:
+                continue
             g = groups[canonical[space]]
             if producer not in g.producers:
                 g.producers.append(producer)
@@ -560,7 +947,7 @@ class _Analyzer:
                 g.name = g.producers[0]
 
         def remap(layout: Layout) -> Layout:
-            return tuple(Segment(canonical[s.group], s.size, s.repeat) for s in layout)
+            return tuple(Segment(canonical[s.group], s.size, s.repeat) for s in self.resolve(layout))
 
         users = {n.name: list(n.users) for n in self.gm.graph.nodes}
         for spec in self.layers.values():
@@ -586,7 +973,11 @@ class _Analyzer:
         for g in groups:  # a group with a single choice of width cannot be pruned
             if g.channels <= 1 and g.prunable:
                 g.frozen_reasons.append("a single channel")
-        return GraphAnalysis(self.gm, groups, self.layers, self.shapes, self.opaque)
+        reshapes = {name: ReshapeSpec(name, tuple(remap(d) if isinstance(d, tuple) else d for d in r.dims))
+                    for name, r in self.reshapes.items()}
+        slices = [ConstantSlice(c.node, c.arg_path, c.dim, remap(c.layout)) for c in self.constant_slices]
+        matmuls = {name: MatmulSpec(name, remap(m.layout), m.macs_per_position) for name, m in self.matmuls.items()}
+        return GraphAnalysis(self.gm, groups, self.layers, self.shapes, self.opaque, reshapes, slices, matmuls)
 
 
 class _Unsupported(Exception):
@@ -600,8 +991,12 @@ def _numel(shape: Sequence[int]) -> int:
     return n
 
 
-def _fetch_attr(gm: fx.GraphModule, target: str) -> Any:
-    obj: Any = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
+def _prod(shape: Sequence[int]) -> int:
+    return _numel(shape)
+
+
+def _arg(node: fx.Node, position: int, name: str) -> Any:
+    """Argument ``name`` of a call, given by position (``self`` counted for methods) or keyword."""
+    if len(node.args) > position:
+        return node.args[position]
+    return node.kwargs.get(name)

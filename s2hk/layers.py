@@ -34,7 +34,7 @@ them only where :data:`s2hk.dispatch.TRITON_WINS` lists them.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -42,11 +42,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import dispatch
-from .graph import LayerSpec
+from .graph import Layout, LayerSpec, layout_width
 
 Selection = Optional[Union[int, Tensor]]
 
-__all__ = ["PathState", "GatedConv", "GatedLinear", "GatedNorm", "select", "wrap_layer"]
+__all__ = ["PathState", "GatedConv", "GatedLinear", "GatedNorm", "ChannelReshape", "ChannelSlice", "select",
+           "wrap_layer"]
 
 
 @dataclass
@@ -289,3 +290,61 @@ def wrap_layer(module: nn.Module, spec: LayerSpec, state: PathState) -> nn.Modul
     if spec.kind == "linear":
         return GatedLinear(module, spec, state)
     return GatedNorm(module, spec, state)
+
+
+class _PathOp(nn.Module):
+    """A tensor operation whose hard-path form depends on the kept channels (not a layer with weights).
+    ``forward`` follows ``state.path``; ``apply(path, ...)`` runs a given path (the dual traversal)."""
+
+    def __init__(self, state: PathState) -> None:
+        super().__init__()
+        object.__setattr__(self, "state", state)
+
+    def forward(self, *args: Any) -> Tensor:
+        return self.apply(self.state.path, *args)
+
+    def kept_positions(self, layout: Layout) -> int:
+        """Positions of ``layout`` on the hard path."""
+        sel = self.state.selections[layout]
+        if sel is None:
+            return layout_width(layout)
+        return sel if isinstance(sel, int) else sel.numel()
+
+
+class ChannelReshape(_PathOp):
+    """``x.reshape(*sizes)`` (or ``view``) where some output sizes count channels (attention heads, a flattened
+    embedding): on the hard path those sizes are the kept counts, whatever the traced code passes (a head count
+    fixed at construction, say). ``dims[i]`` is the layout counted by output dimension ``i``, its fixed size
+    (an int), or None (as passed)."""
+
+    def __init__(self, method: str, dims: tuple, state: PathState) -> None:
+        super().__init__(state)
+        self.method = method
+        self.dims = dims
+
+    def extra_repr(self) -> str:
+        return f"{self.method}, channel dims={[i for i, d in enumerate(self.dims) if d is not None]}"
+
+    def apply(self, path: str, x: Tensor, *sizes: Any) -> Tensor:
+        if path == "hard":
+            sizes = tuple(s if d is None else d if isinstance(d, int) else self.kept_positions(d)
+                          for s, d in zip(sizes, self.dims))
+        return getattr(x, self.method)(*sizes)
+
+
+class ChannelSlice(_PathOp):
+    """A constant tensor (parameter, buffer, or made from them) meeting channels: on the hard path, only the kept
+    channels of ``layout`` along ``dim``; unchanged on the soft and dense paths."""
+
+    def __init__(self, dim: int, layout: Layout, state: PathState) -> None:
+        super().__init__(state)
+        self.dim = dim
+        self.layout = layout
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}"
+
+    def apply(self, path: str, t: Tensor) -> Tensor:
+        if path != "hard":
+            return t
+        return select(t, self.dim, self.state.selections[self.layout])

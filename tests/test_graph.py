@@ -247,6 +247,28 @@ class Transposed(nn.Module):
         return self.head(self.up(self.conv(x)))
 
 
+class SlicedChannels(nn.Module):
+    """Half of the channels taken by indexing: which channels survive pruning would be unknown."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 1)
+        self.head = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        return self.head(self.conv(x)[:, :4])
+
+
+class ChannelSoftmax(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 1)
+        self.head = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        return self.head(self.conv(x).softmax(dim=1))
+
+
 class Swapped(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -269,7 +291,8 @@ class ChunkedOnce(nn.Module):
         return self.head(torch.chunk(self.conv(x), 2, dim=1)[0])
 
 
-@pytest.mark.parametrize("module, layer", [(ChunkedOnce, "chunk"), (Transposed, "up"), (Swapped, "transpose")])
+@pytest.mark.parametrize("module, layer", [(SlicedChannels, "getitem"), (Transposed, "up"),
+                                           (ChannelSoftmax, "softmax")])
 def test_unsupported_operation_is_an_error_naming_the_layer(module, layer):
     with pytest.raises(UnsupportedModelError) as info:
         analyze(module(), X8)
@@ -277,10 +300,17 @@ def test_unsupported_operation_is_an_error_naming_the_layer(module, layer):
     assert "ignore" in str(info.value)  # says how to get past it
 
 
-def test_unsupported_operation_feeding_an_add_is_reported():
-    with pytest.raises(UnsupportedModelError) as info:
-        analyze(Chunked(), X8)
-    assert "chunk" in str(info.value)
+def test_chunk_along_channels_splits_the_group_and_an_add_merges_the_halves():
+    a = analyze(Chunked(), X8)
+    halves = a.layers["conv"].out_layout
+    assert [s.size for s in halves] == [4, 4] and halves[0].group == halves[1].group
+    assert a.layers["head"].in_layout == (halves[0],)
+
+
+def test_transpose_moves_the_channel_dimension():
+    a = analyze(Swapped(), X8)
+    assert a.layers["fc"].in_layout == a.layers["conv"].out_layout
+    assert out_group(a, "conv").prunable
 
 
 def test_ignore_runs_an_unsupported_layer_dense():
