@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import json
 import os
 import shutil
@@ -233,13 +234,21 @@ def _model_factory(name: str) -> Callable[..., Any]:
     return factory
 
 
-def _build_model(name: str, num_classes: int) -> Any:
-    """Instantiate model ``name`` for ``num_classes`` classes."""
+def _build_model(name: str, num_classes: int, image_size: int) -> Any:
+    """Instantiate model ``name`` for ``num_classes`` classes (and ``image_size`` where its constructor takes
+    one: a transformer's token grid is fixed at construction)."""
     factory = _model_factory(name)
+    kwargs: dict[str, Any] = {"num_classes": num_classes}
     try:
-        return factory(num_classes=num_classes)
+        if "image_size" in inspect.signature(factory).parameters:
+            kwargs["image_size"] = image_size
+    except (TypeError, ValueError):  # no signature to inspect (a builtin): pass num_classes only
+        pass
+    try:
+        return factory(**kwargs)
     except (TypeError, ValueError) as err:
-        raise UsageError(f"model {name!r} cannot be built with num_classes={num_classes} ({_one_line(err)})") from err
+        settings = ", ".join(f"{k}={v}" for k, v in kwargs.items())
+        raise UsageError(f"model {name!r} cannot be built with {settings} ({_one_line(err)})") from err
 
 
 def _build_pruner(cfg: dict, num_classes: int, channels: int, image_size: int, device: Any) -> Any:
@@ -248,7 +257,7 @@ def _build_pruner(cfg: dict, num_classes: int, channels: int, image_size: int, d
 
     from .s2h import S2HPruner
 
-    model = _build_model(cfg["model"], num_classes).to(device)
+    model = _build_model(cfg["model"], num_classes, image_size).to(device)
     example = torch.zeros(1, channels, image_size, image_size, device=device)
     if cfg["method"] in ("crsfp", "sfp"):
         from .crsfp import CRSFPruner, SFPruner

@@ -39,6 +39,8 @@ class S2HConfig:
         recenter: subtract each group's mean logit after every update (softmax is shift-invariant).
         fused_paths: run both paths in one traversal so fused dual-path kernels can share launches; same
             results (:meth:`s2hk.engine.TwoPathNetwork.run_dual`; only where the hard path runs: kd != "none").
+        prune_embedding: also prune channels normalised by a LayerNorm (a transformer's embedding width, shared
+            by its residual stream and every LayerNorm on it); off by default (see :func:`s2hk.graph.analyze`).
         warmup_epochs / joint_epochs / hard_epochs: dense warm-up (masks fixed at full width), joint soft + hard
             training with mask updates, and final hard-only training with frozen masks.
     """
@@ -58,6 +60,7 @@ class S2HConfig:
     mask_lr: float = 20.0
     recenter: bool = False
     fused_paths: bool = False
+    prune_embedding: bool = False
     warmup_epochs: int = 0
     joint_epochs: int = 10
     hard_epochs: int = 0

@@ -59,7 +59,7 @@ _OUTPUT_REASON = "reaches the model output"
 
 def check_options(method: str, options: dict) -> None:
     """Refuse method options that ``method`` ("crsfp" or "sfp") does not take, or bad values; ValueError."""
-    known = {"criterion", "symmetric", "ignore"} | ({"alpha"} if method == "crsfp" else set())
+    known = {"criterion", "symmetric", "ignore", "prune_embedding"} | ({"alpha"} if method == "crsfp" else set())
     unknown = sorted(set(options) - known)
     if unknown:
         raise ValueError(f"unknown option(s) {unknown} for method {method!r}; known: {sorted(known)}")
@@ -69,8 +69,9 @@ def check_options(method: str, options: dict) -> None:
         alpha = options["alpha"]
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha >= 0:
             raise ValueError(f"alpha must be a number >= 0, got {alpha!r}")
-    if "symmetric" in options and not isinstance(options["symmetric"], bool):
-        raise ValueError(f"symmetric must be true or false, got {options['symmetric']!r}")
+    for flag in ("symmetric", "prune_embedding"):
+        if flag in options and not isinstance(options[flag], bool):
+            raise ValueError(f"{flag} must be true or false, got {options[flag]!r}")
 
 
 def filter_scores(weights: Sequence[Tensor], criterion: str, taylor: Optional[Sequence[Tensor]] = None) -> Tensor:
@@ -130,6 +131,7 @@ class CRSFPruner(TwoPathNetwork):
         alpha: weight of the KD terms (0: no KD).
         symmetric: also train on the swapped views and average the two losses.
         ignore: module or node names to keep dense.
+        prune_embedding: also prune channels normalised by a LayerNorm (a transformer's embedding width).
         two_heads: give the P-NN its own copy of the classifier (CR-SFP); False: both paths share the head.
 
     Example::
@@ -145,14 +147,14 @@ class CRSFPruner(TwoPathNetwork):
 
     def __init__(self, model: nn.Module, example_inputs: Any, prune_rate: float = 0.3, criterion: str = "l2",
                  alpha: float = 1.0, symmetric: bool = False, ignore: Iterable[str] = (),
-                 two_heads: bool = True) -> None:
+                 two_heads: bool = True, prune_embedding: bool = False) -> None:
         if criterion not in CRITERIA:
             raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
         if not 0.0 <= float(prune_rate) < 1.0:
             raise ValueError(f"prune_rate must be in [0, 1), got {prune_rate}")
         if not float(alpha) >= 0.0:
             raise ValueError(f"alpha must be >= 0, got {alpha}")
-        super().__init__(model, example_inputs, ignore=ignore)
+        super().__init__(model, example_inputs, ignore=ignore, prune_embedding=prune_embedding)
         self.prune_rate = float(prune_rate)
         self.criterion = criterion
         self.alpha = float(alpha)
@@ -166,8 +168,9 @@ class CRSFPruner(TwoPathNetwork):
                 raise ValueError("CR-SFP needs a Linear classifier whose output is the model output; none found "
                                  "(use SFPruner, or two_heads=False)")
             self._install_pnn_head()
-        # producers of every prunable group: (node name, slot, row offset, rows)
-        self._producers: list[tuple[str, int, int, int]] = []
+        # producers of every prunable group: (node name, slot, row offset, channels, rows per channel -- an
+        # attention head spans head_dim rows)
+        self._producers: list[tuple[str, int, int, int, int]] = []
         for spec in self.analysis.layers.values():
             if spec.kind == "norm":
                 continue
@@ -175,10 +178,10 @@ class CRSFPruner(TwoPathNetwork):
             for seg in spec.out_layout:
                 slot = self._slot.get(seg.group)
                 if slot is not None:
-                    self._producers.append((spec.node, slot, offset, seg.size))
-                offset += seg.size
-        self._taylor: list[Tensor] = [torch.zeros(rows, dtype=torch.float64, device=self.ranks.device)
-                                      for _, _, _, rows in self._producers]
+                    self._producers.append((spec.node, slot, offset, seg.size, seg.repeat))
+                offset += seg.size * seg.repeat
+        self._taylor: list[Tensor] = [torch.zeros(channels, dtype=torch.float64, device=self.ranks.device)
+                                      for _, _, _, channels, _ in self._producers]
         self._taylor_steps = 0
         self.update_masks()
 
@@ -213,7 +216,8 @@ class CRSFPruner(TwoPathNetwork):
 
     # ------------------------------------------------------------------ masks
     def _producer_weights(self) -> list[Tensor]:
-        return [self.wrappers[name].module.weight[offset:offset + rows] for name, _, offset, rows in self._producers]
+        return [self.wrappers[name].module.weight[offset:offset + channels * rows].reshape(channels, -1)
+                for name, _, offset, channels, rows in self._producers]
 
     def group_scores(self) -> list[Tensor]:
         """Current importance (float64) of every prunable group's channels under the criterion."""
@@ -258,11 +262,12 @@ class CRSFPruner(TwoPathNetwork):
 
     @torch.no_grad()
     def _accumulate_taylor(self) -> None:
-        for acc, (name, _, offset, rows) in zip(self._taylor, self._producers):
+        for acc, (name, _, offset, channels, rows) in zip(self._taylor, self._producers):
             w = self.wrappers[name].module.weight
             if w.grad is not None:
-                g = (w[offset:offset + rows] * w.grad[offset:offset + rows]).abs()
-                acc += g.reshape(rows, -1).sum(1, dtype=torch.float64)
+                end = offset + channels * rows
+                g = (w[offset:end] * w.grad[offset:end]).abs()
+                acc += g.reshape(channels, -1).sum(1, dtype=torch.float64)
         self._taylor_steps += 1
 
     # ------------------------------------------------------------------ one step
@@ -400,9 +405,9 @@ class SFPruner(CRSFPruner):
     path) and the R-NN (dense path); one view serves both paths unless two are given."""
 
     def __init__(self, model: nn.Module, example_inputs: Any, prune_rate: float = 0.3, criterion: str = "l2",
-                 symmetric: bool = False, ignore: Iterable[str] = ()) -> None:
+                 symmetric: bool = False, ignore: Iterable[str] = (), prune_embedding: bool = False) -> None:
         super().__init__(model, example_inputs, prune_rate=prune_rate, criterion=criterion, alpha=0.0,
-                         symmetric=symmetric, ignore=ignore, two_heads=False)
+                         symmetric=symmetric, ignore=ignore, two_heads=False, prune_embedding=prune_embedding)
 
 
 def _accuracy(logits: Tensor, y: Tensor) -> Tensor:

@@ -908,6 +908,8 @@ class _Analyzer:
             if info.shape[d] % chunks:
                 raise _Unsupported("chunk of the channel dimension into unequal parts")
             layouts = self.split_parts(self.layout(info), chunks)
+            for other in layouts[1:]:  # the hard path splits the kept channels evenly: equal parts
+                self.unify(layouts[0], other, self.scope(node))
         else:
             layouts = [info.layout] * len(shapes)
         self.tuple_info[node.name] = [_TensorInfo(l, info.axis, len(s), s, info.parts_axis)

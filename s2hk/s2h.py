@@ -51,7 +51,7 @@ class S2HPruner(TwoPathNetwork):
         self_config = S2HConfig.from_dict(values)
         super().__init__(model, example_inputs, ignore=self_config.ignore, granularity=self_config.granularity,
                          max_choices=self_config.max_choices, tau=self_config.tau,
-                         importance=self_config.importance)
+                         importance=self_config.importance, prune_embedding=self_config.prune_embedding)
         self.config = self_config
         self.mask_optimizer = MaskOptimizer(self.mask_logits, self.gate_layout, self_config.mask_lr,
                                             self_config.flops_weight, self_config.tolerance, self_config.balance,

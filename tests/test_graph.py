@@ -300,8 +300,9 @@ def test_unsupported_operation_is_an_error_naming_the_layer(module, layer):
     assert "ignore" in str(info.value)  # says how to get past it
 
 
-def test_chunk_along_channels_splits_the_group_and_an_add_merges_the_halves():
-    a = analyze(Chunked(), X8)
+@pytest.mark.parametrize("module", [Chunked, ChunkedOnce])
+def test_chunk_along_channels_gives_equal_parts_of_one_group(module):
+    a = analyze(module(), X8)
     halves = a.layers["conv"].out_layout
     assert [s.size for s in halves] == [4, 4] and halves[0].group == halves[1].group
     assert a.layers["head"].in_layout == (halves[0],)

@@ -330,3 +330,51 @@ def test_dual_traversal_equals_two_passes_on_a_vit():
     soft, hard = net.run_dual(X8)
     assert torch.equal(soft, net.run("soft", X8))
     assert torch.equal(hard, net.run("hard", X8))
+
+
+# --- the methods, with no model-specific code --------------------------------------------------------------
+
+
+def digits_vit() -> nn.Module:
+    """A ViT for the embedded 8x8 digits: 2x2 patches (16 tokens + class token), width 32, 8 heads of 4."""
+    return TinyViT(dim=32, heads=8, depth=2, classes=10, patch=2, image=8)
+
+
+def test_s2hpruner_reaches_its_flops_target_on_a_small_vit():
+    import s2hk
+    from s2hk.data import make_loaders
+    from s2hk.trainer import TrainConfig, Trainer
+
+    torch.manual_seed(1)
+    train, val = make_loaders("digits", batch_size=64, image_size=8, seed=1)
+    pruner = s2hk.S2HPruner(digits_vit(), torch.zeros(1, 3, 8, 8), target_flops=0.35, warmup_epochs=2,
+                            joint_epochs=18)
+    result = Trainer(pruner, train, val, epochs=20, config=TrainConfig(lr=0.1, progress=False)).fit(resume=False)
+    assert abs(result["hard_flops_ratio"] - 0.35) <= 0.02, result
+    assert result["soft_acc"] > 0.7, result          # it learned the task (10 classes)
+    assert result["gap"] <= 0.03, result
+    exported = pruner.export()
+    x = next(iter(val))[0]
+    pruner.eval()
+    assert torch.allclose(exported(x), pruner(x, path="hard"), atol=1e-5)
+    assert count_flops(exported, torch.zeros(1, 3, 8, 8)) == pruner.flops("hard")
+
+
+@pytest.mark.parametrize("method", ["crsfp", "sfp"])
+def test_soft_filter_pruning_runs_on_a_vit(method):
+    from s2hk.crsfp import CRSFPruner, SFPruner
+
+    torch.manual_seed(2)
+    cls = CRSFPruner if method == "crsfp" else SFPruner
+    pruner = cls(digits_vit(), torch.zeros(1, 3, 8, 8), prune_rate=0.5, prune_embedding=True)
+    opt = torch.optim.SGD(pruner.weight_parameters(), lr=0.05, momentum=0.9)
+    x, y = torch.randn(8, 3, 8, 8), torch.randint(0, 10, (8,))
+    for _ in range(2):
+        metrics = pruner.train_step((x, x.flip(-1)), y, opt)
+        pruner.on_epoch_end()
+    assert all(v == v for v in metrics.values())  # finite
+    kept = pruner.kept_channels()
+    assert len(kept["blocks.0.attn.qkv"]) == 4 and len(kept["blocks.0.fc1"]) == 32  # whole heads, half of each
+    pruner.eval()
+    exported = pruner.export()
+    assert torch.allclose(exported(x), pruner(x, path="hard"), atol=1e-5)
