@@ -183,11 +183,16 @@ def apply_graph_edits(gm: fx.GraphModule, edits: dict) -> None:
                 gm.register_buffer(buffer, torch.tensor(kept, dtype=torch.long, device=device))
                 sliced = gm.graph.call_function(torch.index_select, (constant, dim, gm.graph.get_attr(buffer)))
         node.args = _replace_at_path(node.args, path, sliced)
+    replaced: dict[str, str] = {}
     for add, shortcut in edits.get("skipped_blocks", []):
         if add not in nodes or shortcut not in nodes:
             raise ValueError(f"skipped block '{add}' (shortcut '{shortcut}') is not in the model's graph")
+        while shortcut in replaced:  # the shortcut is itself a skipped block's output: use that block's input
+            shortcut = replaced[shortcut]
         nodes[add].replace_all_uses_with(nodes[shortcut])
-    gm.graph.eliminate_dead_code()
+        replaced[add] = shortcut
+    # what no longer reaches the output goes, random ops (a functional dropout) included
+    gm.graph.eliminate_dead_code(is_impure_node=lambda n: n.op in ("placeholder", "output"))
     gm.delete_all_unused_submodules()
     gm.recompile()
 

@@ -5,15 +5,19 @@ Every design choice below is ours (the paper's method section was not available)
 
 Architecture space
 ------------------
-An architecture is one width per prunable channel group, a multiple of the group's granularity ``d_g``
-(:attr:`~s2hk.engine.TwoPathNetwork.gate_layout`) in ``[d_g, C_g]``; the kept channels are the group's most
-important ones (the engine's ranking). Its FLOPs are exact (``flops_polynomial.flops_at``). **Depth (skipping
-residual blocks) is not part of the space yet: the search is width-only.**
+An :class:`Architecture` is one width per prunable channel group, a multiple of the group's granularity
+``d_g`` (:attr:`~s2hk.engine.TwoPathNetwork.gate_layout`) in ``[d_g, C_g]`` -- the kept channels are the
+group's most important ones (the engine's ranking) -- and one depth per stage of skippable residual blocks
+(:func:`s2hk.depth.find_stages`: blocks whose identity shortcut is the block's input, found from the graph),
+in ``[min(min_depth, D_s), D_s]``: the stage keeps its first ``depth`` blocks, the others are the identity.
+With ``search_depth=False`` every stage stays at its full depth ``D_s`` (a width-only space). Its FLOPs are
+exact: ``flops_polynomial.flops_at`` without the terms of the skipped blocks' layers.
 
 One step (stimulative training)
 -------------------------------
 The full network runs the dense path and gets ``CE(z_full, y)``; then each of ``num_subnets`` sampled subnets
-is pinned (:meth:`~s2hk.engine.TwoPathNetwork.set_hard_widths`), runs the physically narrow hard path and gets
+is pinned (widths: :meth:`~s2hk.engine.TwoPathNetwork.set_hard_widths`; depths: the skipped blocks), runs
+the physically narrow (and shallower) hard path and gets
 ``kd_weight * T^2 * KL(softmax(sg(z_full) / T) || softmax(z_sub / T))`` (batch mean; ``sg``: the teacher is
 detached, so subnets train the weights only through their own logits). The gradients are summed and the
 optimiser steps once. Dropped weights carry no penalty: a weight outside every sampled subnet gets the CE
@@ -25,42 +29,57 @@ Training subnets are mutations of the current best architecture, repaired to the
 ``B(t)``, which goes linearly from 1.0 to ``target_flops`` over the first ``expansion_fraction`` of the joint
 epochs (``total_epochs - warmup_epochs - hard_epochs``) and stays at the target afterwards; the budget of the
 epoch in progress is the one reached at its end (so a single joint epoch trains at the target). With
-``include_anchor`` the first subnet is the best architecture itself (repaired to ``B(t)``).
+``include_anchor`` the first subnet is the best architecture itself (repaired to ``B(t)``). Early budgets
+near 1.0 bring the skipped blocks back (repair adds depth when the widths alone cannot reach the budget).
 
 KD-guided exploration
 ---------------------
 :meth:`STPruner.search` (at every epoch end of a joint epoch, and every ``search_every`` steps if > 0) runs a
 small evolutionary search at the final budget: a population of ``population`` architectures (the current
 best, mutations of it and random ones), then ``generations`` rounds keeping the best half and filling the
-rest with uniform-crossover + mutation children. Every candidate is repaired to the budget
-(``|F / F_full - target| <= tolerance``): its widths are scaled by one common factor (bisection), then moved by
-single ``d_g`` steps (or a step up in one group and down in another) while that brings the ratio closer. Fitness is the KD loss (KL of the full network's
-eval-mode distribution to the candidate's, per sample) on the last ``held_out_batches`` training batches,
-kept in memory, after re-estimating the candidate's BatchNorm statistics from ``calibration_batches``
-other remembered batches. The evaluation budget is fixed: ``population + generations * (population - elite)``
-candidates at most. Weights do not change during a search.
+rest with uniform-crossover (widths and depths) + mutation children. A mutation moves each group's width with
+probability ``mutation_prob`` by up to ``mutation_scale`` of its choices and each stage's depth with the same
+probability by one block. Every candidate is repaired to the budget (``|F / F_full - target| <= tolerance``)
+at its depths: its widths are scaled by one common factor (bisection), then moved by single ``d_g`` steps (or a
+step up in one group and down in another) while that brings the ratio closer; where the widths cannot reach
+the budget, one stage (at random) gains or loses a block and the widths are repaired again. Fitness is the KD
+loss (KL of the full network's eval-mode distribution to the candidate's, per sample) on the last
+``held_out_batches`` training batches, kept in memory, after re-estimating the candidate's BatchNorm
+statistics from ``calibration_batches`` other remembered batches. The evaluation budget is fixed:
+``population + generations * (population - elite)`` candidates at most. Weights do not change during a search.
+
+Hard path with skipped blocks
+-----------------------------
+The hard path of an architecture that skips blocks runs :func:`s2hk.depth.skip_blocks` of the two-path graph
+(cached per set of skipped blocks; same layers, same weights): a skipped block's layers neither run, nor get
+a gradient from that subnet, nor update their BatchNorm statistics.
 
 Output
 ------
-:meth:`STPruner.export` pins the best architecture and exports it physically; no fine-tuning.
+:meth:`STPruner.export` pins the best architecture and exports it physically -- kept channels only, skipped
+blocks removed with their weights; no fine-tuning.
 """
 from __future__ import annotations
 
 import math
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Iterable, Optional, Sequence
 
 import torch
+import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from .depth import Stage, find_stages, skip_blocks
 from .distributed import all_reduce_mean_
 from .engine import TwoPathNetwork
 from .s2h import S2HPruner
 
-__all__ = ["STPruner", "STPConfig", "check_options"]
+__all__ = ["STPruner", "STPConfig", "Architecture", "check_options"]
+
+_DEPTH_MODULES_CACHED = 16  # hard-path graphs kept for the most recently used sets of skipped blocks
 
 
 @dataclass
@@ -81,7 +100,9 @@ class STPConfig:
         search_every: also search every this many steps (0: at joint epoch ends only).
         population: candidates per generation.
         generations: evolution rounds after the initial population.
-        mutation_prob: per-group probability of a mutation.
+        search_depth: the space includes per-stage depth (False: every stage keeps all its blocks).
+        min_depth: fewest leading blocks a stage keeps (capped at the stage's number of blocks).
+        mutation_prob: per-group (width) and per-stage (depth) probability of a mutation.
         mutation_scale: largest mutation step as a fraction of the group's number of width choices.
         held_out_batches: remembered training batches the fitness is measured on.
         calibration_batches: other remembered batches re-estimating each candidate's BN statistics.
@@ -102,6 +123,8 @@ class STPConfig:
     search_every: int = 0
     population: int = 8
     generations: int = 2
+    search_depth: bool = True
+    min_depth: int = 1
     mutation_prob: float = 0.3
     mutation_scale: float = 0.15
     held_out_batches: int = 2
@@ -120,7 +143,8 @@ class STPConfig:
         for name in ("num_subnets", "population", "held_out_batches", "total_epochs"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("generations", "search_every", "calibration_batches", "warmup_epochs", "hard_epochs"):
+        for name in ("generations", "search_every", "calibration_batches", "warmup_epochs", "hard_epochs",
+                     "min_depth"):
             if int(getattr(self, name)) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.warmup_epochs + self.hard_epochs > self.total_epochs:
@@ -133,6 +157,8 @@ class STPConfig:
             raise ValueError("mutation_scale and kd_weight must be >= 0")
         if not float(self.kd_temperature) > 0.0:
             raise ValueError(f"kd_temperature must be > 0, got {self.kd_temperature}")
+        if not isinstance(self.search_depth, bool):
+            raise ValueError(f"search_depth must be true or false, got {self.search_depth!r}")
         self.ignore = tuple(self.ignore)
 
     def phase(self, epoch: int) -> str:
@@ -160,6 +186,19 @@ def check_options(options: dict) -> None:
     STPConfig(**options)
 
 
+@dataclass(frozen=True)
+class Architecture:
+    """One point of STP's space (hashable: search caches and compares them).
+
+    Attributes:
+        widths: kept channels per prunable group, in :attr:`STPruner.prunable` order.
+        depths: leading blocks kept per stage, in :attr:`STPruner.stages` order (empty without stages).
+    """
+
+    widths: tuple[int, ...]
+    depths: tuple[int, ...] = ()
+
+
 class STPruner(TwoPathNetwork):
     """STP: train the full network and KD-trained subnets, search the best subnet, export it.
 
@@ -169,6 +208,10 @@ class STPruner(TwoPathNetwork):
         target_flops: remaining-FLOPs ratio of the exported subnet.
         num_subnets, search_every, population, generations, ...: see :class:`STPConfig`.
         config: an :class:`STPConfig`; keyword arguments override its fields.
+
+    Attributes:
+        stages: the model's stages of skippable residual blocks (:func:`s2hk.depth.find_stages`).
+        best: the best :class:`Architecture` found so far (pinned outside a step / a search).
 
     Inputs are single tensors; a tuple / list ``x`` (two augmented views) uses its first view.
 
@@ -201,18 +244,50 @@ class STPruner(TwoPathNetwork):
         self._memory: deque = deque(maxlen=cfg.held_out_batches + cfg.calibration_batches)
         self._full = [g.channels for g in self.prunable]
         self._step = list(self.gate_layout.granularities)
-        self.best: list[int] = self.repair(self._full, cfg.target_flops)
+        self.stages: list[Stage] = find_stages(self.analysis)
+        self._max_depths = [s.depth for s in self.stages]
+        self._min_depths = [min(cfg.min_depth, d) if cfg.search_depth else d for d in self._max_depths]
+        self._skip_sets: dict[tuple[int, ...], tuple[frozenset[str], frozenset[str]]] = {}
+        self._depth_modules: OrderedDict[frozenset[str], fx.GraphModule] = OrderedDict()
+        self._skipped_adds: frozenset[str] = frozenset()    # of the pinned architecture
+        self._skipped_nodes: frozenset[str] = frozenset()   # the branch nodes of its skipped blocks
+        self.best: Architecture = self.repair(self.full_architecture(), cfg.target_flops)
         self.best_kd = float("nan")
         self.last_search: Optional[dict] = None
         self._pin(self.best)
 
     # ------------------------------------------------------------------ architecture space
-    def flops_ratio_of(self, widths: Sequence[int]) -> float:
-        """Exact FLOPs ratio of the network with the prunable groups at ``widths`` (others full)."""
+    def full_architecture(self) -> Architecture:
+        """Every group at full width, every stage at full depth (the dense network)."""
+        return Architecture(tuple(self._full), tuple(self._max_depths))
+
+    def _check(self, arch: Architecture) -> None:
+        if len(arch.widths) != len(self._full) or len(arch.depths) != len(self._max_depths):
+            raise ValueError(f"architecture has {len(arch.widths)} widths and {len(arch.depths)} depths; this "
+                             f"network has {len(self._full)} prunable groups and {len(self._max_depths)} stages")
+
+    def _skips(self, depths: Sequence[int]) -> tuple[frozenset[str], frozenset[str]]:
+        """(add nodes, branch nodes) of the blocks that ``depths`` skip (cached per depth vector); the FLOPs
+        terms of the branch nodes (layers, matmuls) are not counted."""
+        key = tuple(int(d) for d in depths)
+        if key not in self._skip_sets:
+            blocks = [b for stage, d in zip(self.stages, key) for b in stage.blocks[d:]]
+            self._skip_sets[key] = (frozenset(b.add for b in blocks),
+                                    frozenset(n for b in blocks for n in b.branch_nodes))
+        return self._skip_sets[key]
+
+    def _ratio(self, widths: Sequence[int], depths: Sequence[int]) -> float:
         all_widths = [g.channels for g in self.groups]
         for g, k in zip(self.prunable, widths):
             all_widths[g.index] = int(k)
-        return self.flops_polynomial.flops_at(all_widths) / self.flops_polynomial.dense_flops
+        flops = self.flops_polynomial.flops_at(all_widths, skipped_nodes=self._skips(depths)[1])
+        return flops / self.flops_polynomial.dense_flops
+
+    def flops_ratio_of(self, arch: Architecture) -> float:
+        """Exact FLOPs ratio of the network at ``arch`` (prunable groups at its widths, others full; the blocks
+        its depths skip not counted)."""
+        self._check(arch)
+        return self._ratio(arch.widths, arch.depths)
 
     def _snap(self, widths: Sequence[float]) -> list[int]:
         return [int(min(max(round(float(w) / d), 1) * d, c)) for w, d, c in zip(widths, self._step, self._full)]
@@ -223,75 +298,117 @@ class STPruner(TwoPathNetwork):
     def _rand(self) -> float:
         return float(torch.rand((), generator=self.generator))
 
-    def repair(self, widths: Sequence[float], budget: float) -> list[int]:
-        """``widths`` snapped to the space and moved to ``|ratio - budget| <= tolerance`` where reachable: one
-        common scale factor (bisection), then single ``d_g`` steps towards the budget -- or, where none helps, one group a step
-        towards it and another a step back -- (among the moves landing within tolerance a random one, else the
-        closest) while they bring the ratio closer."""
+    def repair(self, arch: Architecture, budget: float) -> Architecture:
+        """``arch`` snapped to the space and moved to ``|ratio - budget| <= tolerance`` where reachable: its
+        widths are repaired at its depths (:meth:`_repair_widths`); while that misses the budget, one stage (at
+        random among those that can move) gains a block (ratio too low) or loses one (too high) and the widths
+        are repaired again. Returns the closest architecture met."""
+        self._check(arch)
+        tol = self.config.tolerance
+        depths = [min(max(int(d), lo), hi) for d, lo, hi in zip(arch.depths, self._min_depths, self._max_depths)]
+        widths = self._repair_widths(arch.widths, depths, budget)
+        ratio = self._ratio(widths, depths)
+        best = (abs(ratio - budget), widths, list(depths))
+        for _ in range(sum(self._max_depths)):
+            if abs(ratio - budget) <= tol:
+                break
+            sign = 1 if ratio < budget else -1
+            movable = [i for i, (d, lo, hi) in enumerate(zip(depths, self._min_depths, self._max_depths))
+                       if lo <= d + sign <= hi]
+            if not movable:
+                break
+            depths[movable[self._randint(len(movable))]] += sign
+            widths = self._repair_widths(widths, depths, budget)
+            ratio = self._ratio(widths, depths)
+            if abs(ratio - budget) < best[0]:
+                best = (abs(ratio - budget), widths, list(depths))
+        return Architecture(tuple(best[1]), tuple(best[2]))
+
+    def _repair_widths(self, widths: Sequence[float], depths: Sequence[int], budget: float) -> list[int]:
+        """``widths`` snapped to the space and moved towards ``|ratio - budget| <= tolerance`` at fixed
+        ``depths``: one common scale factor (bisection), then single ``d_g`` steps towards the budget -- or,
+        where none helps, one group a step towards it and another a step back -- (among the moves landing within
+        tolerance a random one, else the closest) while they bring the ratio closer."""
         tol = self.config.tolerance
         w = self._snap(widths)
         if not w:
             return w
-        ratio = self.flops_ratio_of(w)
+        ratio = self._ratio(w, depths)
         if abs(ratio - budget) > tol:
             lo, hi = 0.0, max(c / max(x, 1) for c, x in zip(self._full, w))
             for _ in range(40):
                 mid = 0.5 * (lo + hi)
-                if self.flops_ratio_of(self._snap([mid * x for x in w])) > budget:
+                if self._ratio(self._snap([mid * x for x in w]), depths) > budget:
                     hi = mid
                 else:
                     lo = mid
             cands = [self._snap([s * x for x in w]) for s in (lo, hi)]
-            w = min(cands, key=lambda c: abs(self.flops_ratio_of(c) - budget))
-            ratio = self.flops_ratio_of(w)
+            w = min(cands, key=lambda c: abs(self._ratio(c, depths) - budget))
+            ratio = self._ratio(w, depths)
         for _ in range(4 * sum(c // d for c, d in zip(self._full, self._step))):
             if abs(ratio - budget) <= tol:
                 break
             sign = 1 if ratio < budget else -1
-            moves = self._moves(w, budget, [(i, sign) for i in range(len(w))])
+            moves = self._moves(w, depths, budget, [(i, sign) for i in range(len(w))])
             if not moves or min(m[0] for m in moves) >= abs(ratio - budget):
                 # no single step helps: one group a step towards the budget, another one back
-                moves = self._moves(w, budget, [(i, sign, j, -sign) for i in range(len(w))
-                                                for j in range(len(w)) if i != j])
+                moves = self._moves(w, depths, budget, [(i, sign, j, -sign) for i in range(len(w))
+                                                        for j in range(len(w)) if i != j])
             if not moves:
                 break
             inside = [m for m in moves if m[0] <= tol]
             err, cand = inside[self._randint(len(inside))] if inside else min(moves, key=lambda m: m[0])
             if err >= abs(ratio - budget):
                 break
-            w, ratio = cand, self.flops_ratio_of(cand)
+            w, ratio = cand, self._ratio(cand, depths)
         return w
 
-    def _moves(self, w: list[int], budget: float, steps: list[tuple]) -> list[tuple[float, list[int]]]:
-        """``(|ratio - budget|, widths)`` of ``w`` moved by each entry of ``steps`` (pairs ``group, direction``,
-        in d_g steps), where the moved widths stay in the space."""
+    def _moves(self, w: list[int], depths: Sequence[int], budget: float,
+               steps: list[tuple]) -> list[tuple[float, list[int]]]:
+        """``(|ratio - budget|, widths)`` of ``w`` (at ``depths``) moved by each entry of ``steps`` (pairs
+        ``group, direction``, in d_g steps), where the moved widths stay in the space."""
         out = []
         for step in steps:
             cand = list(w)
             for i, sign in zip(step[::2], step[1::2]):
                 cand[i] += sign * self._step[i]
             if all(d <= k <= c for k, d, c in zip(cand, self._step, self._full)):
-                out.append((abs(self.flops_ratio_of(cand) - budget), cand))
+                out.append((abs(self._ratio(cand, depths) - budget), cand))
         return out
 
-    def feasible(self, widths: Sequence[int], budget: Optional[float] = None) -> bool:
+    def feasible(self, arch: Architecture, budget: Optional[float] = None) -> bool:
+        """Whether ``arch``'s FLOPs ratio is within ``tolerance`` of ``budget`` (default: the target)."""
         budget = self.config.target_flops if budget is None else budget
-        return abs(self.flops_ratio_of(widths) - budget) <= self.config.tolerance
+        return abs(self.flops_ratio_of(arch) - budget) <= self.config.tolerance
 
-    def mutate(self, widths: Sequence[int]) -> list[int]:
-        """Each group moves with probability ``mutation_prob`` by up to ``mutation_scale`` of its choices."""
-        out = list(widths)
+    def mutate(self, arch: Architecture) -> Architecture:
+        """Each group's width moves with probability ``mutation_prob`` by up to ``mutation_scale`` of its
+        choices; each stage's depth (where it can vary) with the same probability by one block."""
+        widths = list(arch.widths)
         for i, (d, c) in enumerate(zip(self._step, self._full)):
             if self._rand() < self.config.mutation_prob:
                 span = max(1, int(round(self.config.mutation_scale * (c // d))))
                 delta = (self._randint(span) + 1) * d * (1 if self._rand() < 0.5 else -1)
-                out[i] = min(max(out[i] + delta, d), c)
-        return out
+                widths[i] = min(max(widths[i] + delta, d), c)
+        depths = list(arch.depths)
+        for i, (lo, hi) in enumerate(zip(self._min_depths, self._max_depths)):
+            if lo < hi and self._rand() < self.config.mutation_prob:
+                depths[i] = min(max(depths[i] + (1 if self._rand() < 0.5 else -1), lo), hi)
+        return Architecture(tuple(widths), tuple(depths))
 
-    def random_architecture(self, budget: Optional[float] = None) -> list[int]:
-        """A uniformly random width vector, repaired to ``budget`` (default: the target)."""
+    def crossover(self, a: Architecture, b: Architecture) -> Architecture:
+        """Uniform crossover: every width and every depth from ``a`` or ``b`` with probability 1/2."""
+        def mix(x: Sequence[int], y: Sequence[int]) -> tuple[int, ...]:
+            return tuple(xi if self._rand() < 0.5 else yi for xi, yi in zip(x, y))
+
+        return Architecture(mix(a.widths, b.widths), mix(a.depths, b.depths))
+
+    def random_architecture(self, budget: Optional[float] = None) -> Architecture:
+        """Uniformly random widths and depths, repaired to ``budget`` (default: the target)."""
         budget = self.config.target_flops if budget is None else budget
-        return self.repair([(self._randint(c // d) + 1) * d for d, c in zip(self._step, self._full)], budget)
+        widths = tuple((self._randint(c // d) + 1) * d for d, c in zip(self._step, self._full))
+        depths = tuple(lo + self._randint(hi - lo + 1) for lo, hi in zip(self._min_depths, self._max_depths))
+        return self.repair(Architecture(widths, depths), budget)
 
     def current_budget(self) -> float:
         """The FLOPs budget of the subnets sampled in the epoch in progress (mutating expansion)."""
@@ -300,7 +417,7 @@ class STPruner(TwoPathNetwork):
         progress = min(max((self.epoch - cfg.warmup_epochs + 1) / span, 0.0), 1.0)
         return 1.0 - (1.0 - cfg.target_flops) * progress
 
-    def sample_subnets(self, budget: Optional[float] = None) -> list[list[int]]:
+    def sample_subnets(self, budget: Optional[float] = None) -> list[Architecture]:
         """The step's training subnets: mutations of the best architecture, repaired to ``budget``."""
         budget = self.current_budget() if budget is None else budget
         anchor = self.repair(self.best, budget)
@@ -309,9 +426,51 @@ class STPruner(TwoPathNetwork):
             out.append(anchor if i == 0 and self.config.include_anchor else self.repair(self.mutate(anchor), budget))
         return out
 
-    def _pin(self, widths: Sequence[int]) -> None:
+    def _pin(self, arch: Architecture) -> None:
+        """Make ``arch`` the hard network: its widths pinned, its skipped blocks out of the hard path."""
         if self.prunable:
-            self.set_hard_widths({g.name: int(k) for g, k in zip(self.prunable, widths)})
+            self.set_hard_widths({g.name: int(k) for g, k in zip(self.prunable, arch.widths)})
+        self._skipped_adds, self._skipped_nodes = self._skips(arch.depths)
+
+    def skipped_blocks(self) -> list[tuple[str, str]]:
+        """``(add, shortcut)`` node pairs of the blocks the hard network (the pinned architecture) skips, in
+        graph order, for the export (:func:`s2hk.export.graph_edits`). A shortcut that is itself a skipped
+        block's add (consecutive pre-activation blocks) is replaced by that block's own shortcut, so the pairs
+        can be applied in any order."""
+        replaced: dict[str, str] = {}
+        for block in (b for s in self.stages for b in s.blocks if b.add in self._skipped_adds):
+            replaced[block.add] = replaced.get(block.shortcut, block.shortcut)
+        return list(replaced.items())
+
+    def _depth_module(self, adds: frozenset[str]) -> fx.GraphModule:
+        """The two-path graph without the blocks closed by ``adds`` (shared layers; a small LRU cache)."""
+        module = self._depth_modules.get(adds)
+        if module is None:
+            module = skip_blocks(self.graph_module, adds)
+            if len(self._depth_modules) >= _DEPTH_MODULES_CACHED:
+                self._depth_modules.popitem(last=False)
+            self._depth_modules[adds] = module
+        self._depth_modules.move_to_end(adds)
+        return module
+
+    def run(self, path: str, *inputs: Any) -> Any:
+        """Run the traced network on the path whose state was prepared; the ``"hard"`` path skips the blocks
+        of the pinned architecture (their layers do not run: no output, gradient or statistics update)."""
+        if path != "hard" or not self._skipped_adds:
+            return super().run(path, *inputs)
+        module = self._depth_module(self._skipped_adds)
+        self.state.path = path
+        try:
+            return module(*inputs)
+        finally:
+            self.state.path = "dense"
+
+    def flops(self, kind: str = "hard") -> int:
+        """As :meth:`TwoPathNetwork.flops <s2hk.engine.TwoPathNetwork.flops>`; ``"hard"`` leaves out the
+        layers of the blocks the pinned architecture skips."""
+        if kind == "hard":
+            return self.flops_polynomial.flops_at(self.all_widths(), skipped_nodes=self._skipped_nodes)
+        return super().flops(kind)
 
     # ------------------------------------------------------------------ one step
     def set_phase(self, phase: str) -> None:
@@ -361,14 +520,14 @@ class STPruner(TwoPathNetwork):
         if self.phase == "joint":
             budget = self.current_budget()
             teacher = z_full.detach()
-            for widths in self.sample_subnets(budget):
-                self._pin(widths)
+            for arch in self.sample_subnets(budget):
+                self._pin(arch)
                 self.prepare_hard()
                 z_sub = self.run("hard", x)
                 kd = self.kd_loss(z_sub, teacher)
                 (self.config.kd_weight * kd).backward()
                 kds.append(kd.detach())
-                if hard_acc is None and list(widths) == list(self.best):
+                if hard_acc is None and arch == self.best:
                     hard_acc = _accuracy(z_sub, y)
             self._pin(self.best)
         all_reduce_mean_([p.grad for p in self.weight_parameters() if p.grad is not None])
@@ -402,10 +561,11 @@ class STPruner(TwoPathNetwork):
         return [F.log_softmax(self.run("dense", x) / t, -1) for x, _ in held]
 
     @torch.no_grad()
-    def fitness(self, widths: Sequence[int], calib: Optional[list] = None, held: Optional[list] = None,
+    def fitness(self, arch: Architecture, calib: Optional[list] = None, held: Optional[list] = None,
                 teacher: Optional[list[Tensor]] = None) -> float:
         """KD loss (per-sample KL of the full network to the subnet, eval mode, temperature T, times ``T^2``)
-        of architecture ``widths`` on the held-out batches, after re-estimating its BN statistics."""
+        of architecture ``arch`` on the held-out batches, after re-estimating its BN statistics. Leaves
+        ``arch`` pinned."""
         if calib is None or held is None:
             calib, held = self._split_memory()
         if not held:
@@ -415,7 +575,7 @@ class STPruner(TwoPathNetwork):
             self.eval()
             if teacher is None:
                 teacher = self._teacher(held)
-            self._pin(widths)
+            self._pin(arch)
             self.recalibrate_bn(calib, len(calib))
             self.eval()
             self.prepare_hard()
@@ -432,24 +592,24 @@ class STPruner(TwoPathNetwork):
     @torch.no_grad()
     def search(self) -> Optional[dict]:
         """KD-guided evolutionary search at the target budget; updates :attr:`best` (pinned, its BN statistics
-        re-estimated). Returns ``{"widths", "kd", "flops_ratio", "evaluations"}``, or None without remembered
-        batches."""
+        re-estimated). Returns ``{"widths", "depths", "kd", "flops_ratio", "evaluations"}`` (widths by group,
+        depths by stage name), or None without remembered batches."""
         cfg = self.config
         calib, held = self._split_memory()
-        if not held or not self.prunable:
+        if not held or not (self.prunable or self.stages):
             return None
         was_training = self.training
         self.eval()
         teacher = self._teacher(held)
         self.train(was_training)
-        cache: dict[tuple, float] = {}
+        cache: dict[Architecture, float] = {}
 
-        def key(w: Sequence[int]) -> tuple:
-            return (not self.feasible(w), cache[tuple(w)])
+        def key(arch: Architecture) -> tuple:
+            return (not self.feasible(arch), cache[arch])
 
-        def score(w: list[int]) -> None:
-            if tuple(w) not in cache:
-                cache[tuple(w)] = self.fitness(w, calib, held, teacher)
+        def score(arch: Architecture) -> None:
+            if arch not in cache:
+                cache[arch] = self.fitness(arch, calib, held, teacher)
 
         target = cfg.target_flops
         pop = [self.repair(self.best, target)]
@@ -459,29 +619,28 @@ class STPruner(TwoPathNetwork):
             cand = self.repair(self.mutate(pop[0]), target) if len(pop) % 2 else self.random_architecture(target)
             if cand not in pop:
                 pop.append(cand)
-        for w in pop:
-            score(w)
+        for arch in pop:
+            score(arch)
         pop.sort(key=key)
         elite = max(1, cfg.population // 2)
         for _ in range(cfg.generations):
             parents = pop[:elite]
-            children: list[list[int]] = []
+            children: list[Architecture] = []
             tries = 0
             while len(children) < cfg.population - len(parents) and tries < 20 * cfg.population:
                 tries += 1
                 a, b = parents[self._randint(len(parents))], parents[self._randint(len(parents))]
-                child = [ai if self._rand() < 0.5 else bi for ai, bi in zip(a, b)]
-                child = self.repair(self.mutate(child), target)
-                if tuple(child) not in cache and child not in children:
+                child = self.repair(self.mutate(self.crossover(a, b)), target)
+                if child not in cache and child not in children:
                     children.append(child)
-            for w in children:
-                score(w)
+            for arch in children:
+                score(arch)
             pop = sorted(parents + children, key=key)[:cfg.population]
-        self.best = list(pop[0])
-        self.best_kd = cache[tuple(self.best)]
+        self.best = pop[0]
+        self.best_kd = cache[self.best]
         self._pin(self.best)
         self.recalibrate_bn(calib, len(calib))
-        self.last_search = {"widths": self.best_widths(), "kd": self.best_kd,
+        self.last_search = {"widths": self.best_widths(), "depths": self.best_depths(), "kd": self.best_kd,
                             "flops_ratio": self.flops_ratio_of(self.best), "evaluations": len(cache)}
         return self.last_search
 
@@ -493,10 +652,26 @@ class STPruner(TwoPathNetwork):
 
     def best_widths(self) -> dict[str, int]:
         """The best architecture's width of every prunable group, by group name."""
-        return {g.name: int(k) for g, k in zip(self.prunable, self.best)}
+        return {g.name: int(k) for g, k in zip(self.prunable, self.best.widths)}
+
+    def best_depths(self) -> dict[str, int]:
+        """The best architecture's depth (leading blocks kept) of every stage, by stage name."""
+        return {s.name: int(d) for s, d in zip(self.stages, self.best.depths)}
 
     # ------------------------------------------------------------------ evaluation / export
-    recalibrate_bn = S2HPruner.recalibrate_bn
+    def recalibrate_bn(self, batches: Iterable, num_batches: int = 200) -> int:
+        """Re-estimate the hard path's BatchNorm statistics of the pinned architecture from up to
+        ``num_batches`` batches (:meth:`S2HPruner.recalibrate_bn <s2hk.s2h.S2HPruner.recalibrate_bn>`); the
+        norms of skipped blocks do not run and keep their statistics. Returns the number of batches used."""
+        skipped = [self.wrappers[n] for n in self._skipped_nodes
+                   if getattr(self.wrappers.get(n), "hard_running_mean", None) is not None]
+        saved = [[b.clone() for b in _hard_stats(w)] for w in skipped]
+        used = S2HPruner.recalibrate_bn(self, batches, num_batches)
+        with torch.no_grad():
+            for w, values in zip(skipped, saved):
+                for buffer, value in zip(_hard_stats(w), values):
+                    buffer.copy_(value)
+        return used
 
     @torch.no_grad()
     def evaluate(self, batches: Iterable, paths: tuple = ("dense", "hard")) -> dict[str, float]:
@@ -509,8 +684,9 @@ class STPruner(TwoPathNetwork):
         res["gap"] = res["soft_acc"] - res["hard_acc"]
         return res
 
-    def export(self) -> Any:
-        """The best subnet as a plain, physically smaller model (hard-path BN statistics), in eval mode."""
+    def export(self) -> fx.GraphModule:
+        """The best subnet as a plain, physically smaller model (kept channels only, skipped blocks removed with
+        their layers; hard-path BN statistics), in eval mode."""
         self._pin(self.best)
         return super().export()
 
@@ -520,17 +696,27 @@ class STPruner(TwoPathNetwork):
         (the model's own weights are in ``model.state_dict()``)."""
         hard_bn = {name: {k: v.detach().clone() for k, v in w.state_dict().items() if k.startswith("hard_")}
                    for name, w in self.wrappers.items() if getattr(w, "hard_running_mean", None) is not None}
-        return {"method": "stp", "best": list(self.best), "best_kd": self.best_kd, "epoch": self.epoch,
+        return {"method": "stp", "best": {"widths": list(self.best.widths), "depths": list(self.best.depths)},
+                "best_kd": self.best_kd, "epoch": self.epoch,
                 "steps": self.steps, "phase": self.phase, "generator": self.generator.get_state(),
                 "memory": [[x, y] for x, y in self._memory], "hard_bn": hard_bn,
-                "groups": [[g.name, g.channels, d] for g, d in zip(self.prunable, self._step)]}
+                "groups": [[g.name, g.channels, d] for g, d in zip(self.prunable, self._step)],
+                "stages": self._stage_table()}
+
+    def _stage_table(self) -> list[list]:
+        return [[s.name, [b.add for b in s.blocks]] for s in self.stages]
 
     def load_pruning_state(self, state: dict) -> None:
-        """Restore :meth:`pruning_state`; a state made for other channel groups is refused whole."""
+        """Restore :meth:`pruning_state`; a state made for other channel groups or other stages is refused
+        whole."""
         mine = [[g.name, g.channels, d] for g, d in zip(self.prunable, self._step)]
         if [list(g) for g in state.get("groups", [])] != mine:
             raise ValueError(f"pruning state was saved for different channel groups: expected {mine}, "
                              f"got {state.get('groups')}")
+        stages = self._stage_table()
+        if [[name, list(adds)] for name, adds in state.get("stages", [])] != stages:
+            raise ValueError(f"pruning state was saved for different stages of residual blocks: expected {stages}, "
+                             f"got {state.get('stages')}")
         for name in state["hard_bn"]:
             if name not in self.wrappers:
                 raise ValueError(f"pruning state has hard BN statistics for unknown layer call '{name}'")
@@ -538,7 +724,8 @@ class STPruner(TwoPathNetwork):
             for name, buffers in state["hard_bn"].items():
                 for k, v in buffers.items():
                     getattr(self.wrappers[name], k).copy_(v)
-        self.best = [int(k) for k in state["best"]]
+        self.best = Architecture(tuple(int(k) for k in state["best"]["widths"]),
+                                 tuple(int(d) for d in state["best"]["depths"]))
         self.best_kd = float(state["best_kd"])
         self.epoch, self.steps, self.phase = int(state["epoch"]), int(state["steps"]), state["phase"]
         self.generator.set_state(state["generator"])
@@ -546,6 +733,11 @@ class STPruner(TwoPathNetwork):
         for x, y in state["memory"]:
             self._memory.append((x, y))
         self._pin(self.best)
+
+
+def _hard_stats(norm: nn.Module) -> tuple[Tensor, Tensor, Tensor]:
+    """A two-path norm's hard-path running mean ``(C,)``, variance ``(C,)`` and batch count ``()``."""
+    return norm.hard_running_mean, norm.hard_running_var, norm.hard_num_batches_tracked
 
 
 def _accuracy(logits: Tensor, y: Tensor) -> Tensor:
