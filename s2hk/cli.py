@@ -222,7 +222,7 @@ def _model_factory(name: str) -> Callable[..., Any]:
         if name not in models.list_models():
             raise UsageError(f"unknown model {name!r}; shipped models: {', '.join(models.list_models())} "
                              "(or give your own as package.module:function)")
-        return lambda **kwargs: models.get_model(name, **kwargs)
+        return models.MODELS[name]
     module_name, _, attr = name.partition(":")
     try:
         module = importlib.import_module(module_name)
@@ -234,16 +234,21 @@ def _model_factory(name: str) -> Callable[..., Any]:
     return factory
 
 
-def _build_model(name: str, num_classes: int, image_size: int) -> Any:
-    """Instantiate model ``name`` for ``num_classes`` classes (and ``image_size`` where its constructor takes
-    one: a transformer's token grid is fixed at construction)."""
-    factory = _model_factory(name)
+def _model_kwargs(name: str, num_classes: int, image_size: int) -> dict[str, Any]:
+    """Constructor arguments of model ``name``: ``num_classes``, and ``image_size`` where the constructor takes
+    one (a transformer's token grid is fixed at construction)."""
     kwargs: dict[str, Any] = {"num_classes": num_classes}
     try:
-        if "image_size" in inspect.signature(factory).parameters:
+        if "image_size" in inspect.signature(_model_factory(name)).parameters:
             kwargs["image_size"] = image_size
-    except (TypeError, ValueError):  # no signature to inspect (a builtin): pass num_classes only
+    except (TypeError, ValueError):  # no signature to inspect (a builtin): num_classes only
         pass
+    return kwargs
+
+
+def _build_model(name: str, kwargs: dict[str, Any]) -> Any:
+    """Instantiate model ``name`` with :func:`_model_kwargs`' arguments."""
+    factory = _model_factory(name)
     try:
         return factory(**kwargs)
     except (TypeError, ValueError) as err:
@@ -257,7 +262,7 @@ def _build_pruner(cfg: dict, num_classes: int, channels: int, image_size: int, d
 
     from .s2h import S2HPruner
 
-    model = _build_model(cfg["model"], num_classes, image_size).to(device)
+    model = _build_model(cfg["model"], _model_kwargs(cfg["model"], num_classes, image_size)).to(device)
     example = torch.zeros(1, channels, image_size, image_size, device=device)
     if cfg["method"] in ("crsfp", "sfp"):
         from .crsfp import CRSFPruner, SFPruner
@@ -376,7 +381,8 @@ def _write_outputs(cfg: dict, pruner: Any, train: Any, result: dict, out: Path, 
     from .flops import count_macs
 
     pruned_dir = out / "pruned"
-    save_pruned(pruner, pruned_dir, model_name=cfg["model"], model_kwargs={"num_classes": train.num_classes})
+    save_pruned(pruner, pruned_dir, model_name=cfg["model"],
+                model_kwargs=_model_kwargs(cfg["model"], train.num_classes, train.image_size))
     shutil.copyfile(pruned_dir / "architecture.json", out / "architecture.json")
     example = torch.zeros(1, train.info.channels, train.image_size, train.image_size, device=pruner.mask_logits.device)
     dense_macs = int(pruner.flops_polynomial.dense_macs)

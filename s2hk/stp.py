@@ -107,7 +107,8 @@ class STPConfig:
         held_out_batches: remembered training batches the fitness is measured on.
         calibration_batches: other remembered batches re-estimating each candidate's BN statistics.
         seed: seed of STP's own random generator (sampling and search; the global RNG is not used).
-        granularity, max_choices, ignore, importance: passed to :class:`~s2hk.engine.TwoPathNetwork`.
+        granularity, max_choices, ignore, importance, prune_embedding: passed to
+            :class:`~s2hk.engine.TwoPathNetwork`.
     """
 
     target_flops: float = 0.15
@@ -134,6 +135,7 @@ class STPConfig:
     max_choices: int = 32
     ignore: tuple = ()
     importance: str = "dynamic"
+    prune_embedding: bool = False
 
     def __post_init__(self) -> None:
         if not 0.0 < float(self.target_flops) <= 1.0:
@@ -235,7 +237,8 @@ class STPruner(TwoPathNetwork):
             values["target_flops"] = target_flops
         cfg = STPConfig(**values)
         super().__init__(model, example_inputs, ignore=cfg.ignore, granularity=cfg.granularity,
-                         max_choices=cfg.max_choices, importance=cfg.importance)
+                         max_choices=cfg.max_choices, importance=cfg.importance,
+                         prune_embedding=cfg.prune_embedding)
         self.config = cfg
         self.phase = "joint"
         self.epoch = 0   # epochs finished (on_epoch_end calls)

@@ -378,3 +378,40 @@ def test_soft_filter_pruning_runs_on_a_vit(method):
     pruner.eval()
     exported = pruner.export()
     assert torch.allclose(exported(x), pruner(x, path="hard"), atol=1e-5)
+
+
+def test_stp_runs_on_a_vit_with_width_and_depth():
+    from s2hk.stp import STPruner
+
+    torch.manual_seed(3)
+    pruner = STPruner(digits_vit(), torch.zeros(1, 3, 8, 8), target_flops=0.5, total_epochs=2, population=4,
+                      generations=1, prune_embedding=True)
+    # every attention and every MLP residual is a skippable block of the one residual stream
+    assert [stage.depth for stage in pruner.stages] == [4]
+    opt = torch.optim.SGD(pruner.weight_parameters(), lr=0.05, momentum=0.9)
+    x, y = torch.randn(16, 3, 8, 8), torch.randint(0, 10, (16,))
+    for _ in range(3):
+        pruner.train_step(x, y, opt)
+    result = pruner.search()
+    assert abs(result["flops_ratio"] - 0.5) <= pruner.config.tolerance
+    pruner.eval()
+    exported = pruner.export()
+    assert torch.allclose(exported(x), pruner(x, path="hard"), atol=1e-5)
+    assert count_flops(exported, torch.zeros(1, 3, 8, 8)) == pruner.flops("hard")
+
+
+@pytest.mark.parametrize("method", ["s2h", "stp"])
+def test_cli_prunes_a_shipped_transformer(tmp_path, method):
+    from s2hk.cli import main
+
+    out = tmp_path / "run"
+    argv = ["prune", "--model", "vit_tiny_cifar", "--method", method, "--image-size", "8", "--batch-size", "16",
+            "--epochs", "1", "--warmup-epochs", "0", "--max-steps-per-epoch", "2", "--recalibrate-batches", "1",
+            "--no-progress", "--threads", "1", "--out", str(out), "--set", "prune_embedding=true"]
+    if method == "stp":
+        argv += ["--set", "population=2", "--set", "generations=0"]
+    assert main(argv) == 0
+    from s2hk import load_pruned
+
+    pruned = load_pruned(out / "pruned")  # rebuilt from the registry name and image size in the JSON
+    assert pruned(torch.zeros(2, 3, 8, 8)).shape == (2, 10)
