@@ -38,7 +38,8 @@ import torch
 
 from s2hk import S2HPruner
 from s2hk.benchmarking import (dense_step, input_grad_backward, machine_description, narrow_step, s2hk_step,
-                               time_once, uniform_widths)
+                               time_once)
+from s2hk.baselines import uniform_l1_widths
 from s2hk.models import get_model
 
 MODELS = ("resnet56", "mobilenet_v3_small")
@@ -211,7 +212,7 @@ def workload(sizes, device) -> Callable[[str, float], Workload]:
             model = get_model(model_name, num_classes=NUM_CLASSES).to(device).train()
             dense = copy.deepcopy(model)
             pruner = S2HPruner(model, x[:1], target_flops=target).train()
-            widths = uniform_widths(pruner, target)
+            widths = uniform_l1_widths(pruner, target)
             pruner.set_hard_widths(widths)
             ratio = pruner.flops("hard") / pruner.flops("full")
             cache[key] = Workload(model_name, target, x, y, dense, pruner, widths, ratio, pruner.export().train())

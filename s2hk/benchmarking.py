@@ -3,7 +3,7 @@
 ``floor = t(dense step) + t(training step of the exported narrow model) + t(input-gradient-only backward)``,
 each measured in plain PyTorch on the same machine, model and batch; an S2HPruner step should sit within
 10% of it. The narrow model is the hard network at the target FLOPs ratio obtained by scaling every
-prunable group uniformly (:func:`uniform_widths`).
+prunable group uniformly (:func:`s2hk.baselines.uniform_l1_widths`).
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["uniform_widths", "time_once", "time_call", "time_interleaved", "dense_step", "narrow_step",
+__all__ = ["time_once", "time_call", "time_interleaved", "dense_step", "narrow_step",
            "input_grad_backward", "input_grad_backward_time", "s2hk_step", "step_timings", "machine_description",
            "peak_memory", "count_ops"]
 
@@ -38,38 +38,6 @@ def machine_description() -> dict:
     if torch.cuda.is_available():
         out["gpu"] = torch.cuda.get_device_name()
     return out
-
-
-def uniform_widths(net: Any, target: float, tolerance: float = 0.005) -> dict[str, int]:
-    """Widths (multiples of each group's granularity) that scale every prunable group by one factor so that
-    the hard network's FLOPs ratio is as close to ``target`` as the granularity allows (bisection)."""
-    grans = dict(zip([g.name for g in net.prunable], net.gate_layout.granularities))
-    poly = net.flops_polynomial
-
-    def widths_at(f: float) -> dict[str, int]:
-        out = {}
-        for g in net.prunable:
-            d = grans[g.name]
-            out[g.name] = max(d, min(g.channels, d * round(f * g.channels / d)))
-        return out
-
-    def ratio(f: float) -> float:
-        all_w = [g.channels for g in net.groups]
-        for g in net.prunable:
-            all_w[g.index] = widths_at(f)[g.name]
-        return poly.flops_at(all_w) / poly.dense_flops
-
-    lo, hi = 0.0, 1.0
-    for _ in range(40):
-        mid = (lo + hi) / 2
-        if ratio(mid) > target:
-            hi = mid
-        else:
-            lo = mid
-        if abs(ratio(mid) - target) < tolerance:
-            break
-    best = min((lo, hi), key=lambda f: abs(ratio(f) - target))
-    return widths_at(best)
 
 
 def _sync() -> None:
@@ -173,6 +141,7 @@ def step_timings(model_name: str, batch_size: int = 64, image_size: int = 32, ta
     """Times of a dense step, the narrow model's step, the input-gradient-only backward, the floor and an
     S2HPruner step (hard network pinned at ``target_flops`` by uniform scaling), all on one batch; the four are
     timed in turn, round by round (:func:`time_interleaved`), after two warm-up rounds."""
+    from .baselines import uniform_l1_widths  # baselines imports the methods; keep this module light
     from .models import get_model
     from .s2h import S2HPruner
 
@@ -186,7 +155,7 @@ def step_timings(model_name: str, batch_size: int = 64, image_size: int = 32, ta
     opt = torch.optim.SGD(dense.parameters(), lr=0.01, momentum=0.9)
 
     pruner = S2HPruner(model, x[:1], target_flops=target_flops).train()
-    pruner.set_hard_widths(uniform_widths(pruner, target_flops))
+    pruner.set_hard_widths(uniform_l1_widths(pruner, target_flops))
     ratio = pruner.flops("hard") / pruner.flops("full")
     narrow = pruner.export().train()
     narrow_opt = torch.optim.SGD(narrow.parameters(), lr=0.01, momentum=0.9)

@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from s2hk import S2HPruner
-from s2hk.benchmarking import uniform_widths
+from s2hk.baselines import uniform_l1_widths
 from s2hk.models import get_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
@@ -58,7 +58,7 @@ def _pair(model: nn.Module, shape, target: float, granularity=1, pin: bool = Tru
     naive = NaiveS2HPruner(twin, example, target_flops=target, granularity=granularity)
     twin.train()
     if pin:
-        widths = uniform_widths(pruner, target)
+        widths = uniform_l1_widths(pruner, target)
         pruner.set_hard_widths(widths)
         naive.set_hard_widths(widths)
     return pruner, naive
