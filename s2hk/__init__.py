@@ -20,9 +20,9 @@ from .export import load_pruned, save_pruned
 from .flops import count_flops, count_macs
 from .graph import UnsupportedModelError, analyze
 from .s2h import S2HPruner
-from .stp import STPruner
+from .stp import STPConfig, STPruner
 
 __version__ = "0.1.0"
 
-__all__ = ["S2HPruner", "CRSFPruner", "SFPruner", "STPruner", "S2HConfig", "TwoPathNetwork", "count_flops",
+__all__ = ["S2HPruner", "CRSFPruner", "SFPruner", "STPruner", "STPConfig", "S2HConfig", "TwoPathNetwork", "count_flops",
            "count_macs", "analyze", "UnsupportedModelError", "save_pruned", "load_pruned", "models", "__version__"]
