@@ -24,5 +24,6 @@ from .stp import STPConfig, STPruner
 
 __version__ = "0.1.0"
 
-__all__ = ["S2HPruner", "CRSFPruner", "SFPruner", "STPruner", "STPConfig", "S2HConfig", "TwoPathNetwork", "count_flops",
-           "count_macs", "analyze", "UnsupportedModelError", "save_pruned", "load_pruned", "models", "__version__"]
+__all__ = ["S2HPruner", "CRSFPruner", "SFPruner", "STPruner", "STPConfig", "S2HConfig", "TwoPathNetwork",
+           "count_flops", "count_macs", "analyze", "UnsupportedModelError", "save_pruned", "load_pruned", "models",
+           "__version__"]
