@@ -7,11 +7,22 @@ is a :class:`ChannelGroup`: its channels must be kept or removed together.
 
 Tensors carry a :class:`Layout`: the sequence of channel-space segments along their channel axis (a concat
 produces several segments; a flatten of ``(N, C, H, W)`` into a linear gives one segment whose channels each
-occupy ``H * W`` consecutive features).
+occupy ``H * W`` consecutive features). The channel axis is followed through permutes, transposes, reshapes
+that keep it whole, and indexing of other dimensions.
+
+Attention: a reshape that splits the channel axis into ``(heads, head_dim)`` -- or ``(3, heads, head_dim)``
+for a fused q/k/v projection -- *refines* the producer's channel space so that one channel is one head, a
+segment with ``repeat = head_dim`` in the projection's output (and in the output projection's input, after the
+heads are merged back); the three parts of a fused projection keep the same heads (the reshaped tensor is
+rectangular). A matrix product or ``scaled_dot_product_attention`` batched over heads merges the heads of its
+operands. Such reshapes are recorded (:class:`ReshapeSpec`): the hard path and the export give them the kept
+head count. Tensors computed from parameters and buffers alone (a position embedding, Swin's relative
+position bias) that meet channels are recorded too (:class:`ConstantSlice`): they are cut to the kept
+channels. Matrix products over heads (:class:`MatmulSpec`) carry their MACs per head for the FLOPs.
 
 A group is *frozen* (never pruned) when its channels reach the model output, come from the model input, meet
-a layer handled only at full width (grouped conv, GroupNorm, a parameter added along channels...), or touch a
-layer the user asked to ignore. Operations the analysis does not understand are errors naming the layer,
+a layer handled only at full width (grouped conv, GroupNorm...), are normalised by a LayerNorm (an embedding
+width; unless ``prune_embedding``), or touch a layer the user asked to ignore. Operations the analysis does not understand are errors naming the layer,
 unless listed in ``ignore`` (then they run dense, and every group they touch is frozen).
 """
 from __future__ import annotations

@@ -20,6 +20,10 @@ kernel; ``auto`` takes it only where :data:`s2hk.dispatch.TRITON_WINS` lists it;
 the composition (there is no C++ op: ``F.batch_norm`` is aten's own). The dense path, and an ungated norm on
 the soft path, is the user's layer itself; LayerNorm always runs the composition.
 
+Path ops (not layers): :class:`ChannelReshape` gives a reshape into attention heads the kept head count on the
+hard path, and :class:`ChannelSlice` cuts a parameter-derived tensor meeting channels (a position embedding) to
+the kept channels there; both are the plain op on the soft and dense paths.
+
 Convolutions and linear layers stay on the composition (cuDNN / cuBLAS) in :meth:`forward`, which sees one
 path at a time. Both paths at once: ``dual(x_soft, x_hard) -> (y_soft, y_hard)``, called by the engine's
 dual traversal (:meth:`s2hk.engine.TwoPathNetwork.run_dual`), which needs the soft gates and the hard
