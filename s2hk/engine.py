@@ -21,7 +21,8 @@ from torch import Tensor
 
 from . import masks, ops
 from .flops import FlopsPolynomial
-from .graph import ChannelGroup, GraphAnalysis, Layout, LayerSpec, analyze
+from .graph import (ChannelGroup, GraphAnalysis, Layout, LayerSpec, analyze, node_argument, reshape_arguments,
+                    set_node_argument)
 from .layers import ChannelReshape, ChannelSlice, PathState, Selection, wrap_layer
 
 __all__ = ["TwoPathNetwork", "HardPlan"]
@@ -133,9 +134,10 @@ class TwoPathNetwork(nn.Module):
         self._path_op_nodes: set[str] = set()
         for spec in self.analysis.reshapes.values():
             node = nodes[spec.node]
-            x, sizes = _reshape_arguments(node)
+            x, sizes, packed = reshape_arguments(node)
             target = f"s2hk_reshape__{node.name}"
-            root[target] = ChannelReshape("view" if node.target == "view" else "reshape", spec.dims, self.state)
+            root[target] = ChannelReshape("view" if node.target == "view" else "reshape", spec.dims, self.state,
+                                          packed)
             with graph.inserting_before(node):
                 new = graph.call_module(target, (x, *sizes))
             new.meta = dict(node.meta)
@@ -144,12 +146,12 @@ class TwoPathNetwork(nn.Module):
             self._path_op_nodes.add(new.name)
         for i, spec in enumerate(self.analysis.constant_slices):
             node = nodes[spec.node]
-            constant = _at_path(node.args, spec.arg_path)
+            constant = node_argument(node, spec.arg_path)
             target = f"s2hk_slice__{node.name}_{i}"
-            root[target] = ChannelSlice(spec.dim, spec.layout, self.state)
+            root[target] = ChannelSlice(spec.dim, spec.layout, spec.gate, self.state)
             with graph.inserting_before(node):
                 sliced = graph.call_module(target, (constant,))
-            node.args = _replace_at_path(node.args, spec.arg_path, sliced)
+            set_node_argument(node, spec.arg_path, sliced)
             self._path_op_nodes.add(sliced.name)
 
     def _build_dual_module(self) -> fx.GraphModule:
@@ -214,7 +216,9 @@ class TwoPathNetwork(nn.Module):
             cache.module = self._build_dual_module()
             specs = self.analysis.layers.values()
             cache.layouts = self._hard_layouts()
-            cache.gated = tuple({spec.out_layout: None for spec in specs if spec.gate})
+            gated = [spec.out_layout for spec in specs if spec.gate]
+            gated += [spec.layout for spec in self.analysis.constant_slices if spec.gate]
+            cache.gated = tuple(dict.fromkeys(gated))
         return cache.module
 
     def _granularity(self, group: ChannelGroup, granularity: Granularity, max_choices: int) -> int:
@@ -452,9 +456,11 @@ class TwoPathNetwork(nn.Module):
     def prepare_soft(self, keep: Tensor) -> None:
         """Fill the path state with the soft gates of every gated layout."""
         gates = {}
-        for spec in self.analysis.layers.values():
-            if spec.gate and spec.out_layout not in gates:
-                gates[spec.out_layout] = self._layout_gate(spec.out_layout, keep)
+        layouts = [spec.out_layout for spec in self.analysis.layers.values() if spec.gate]
+        layouts += [spec.layout for spec in self.analysis.constant_slices if spec.gate]
+        for layout in layouts:
+            if layout not in gates:
+                gates[layout] = self._layout_gate(layout, keep)
         self.state.gates = gates
 
     def prepare_hard(self) -> None:
@@ -568,30 +574,6 @@ class _DualCache:
 
     def __setstate__(self, state: dict) -> None:
         self.__init__()
-
-
-def _reshape_arguments(node: fx.Node) -> tuple[Any, tuple]:
-    """``(tensor, sizes)`` of a ``reshape`` / ``view`` call, whether the sizes are given one by one or as a
-    sequence, to a method or to ``torch.reshape``."""
-    x = node.args[0]
-    sizes = node.args[1:] if node.op == "call_method" else (node.args[1] if len(node.args) > 1
-                                                            else node.kwargs["shape"],)
-    if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)):
-        sizes = tuple(sizes[0])
-    return x, tuple(sizes)
-
-
-def _at_path(args: tuple, path: tuple) -> Any:
-    value: Any = args
-    for i in path:
-        value = value[i]
-    return value
-
-
-def _replace_at_path(args: Any, path: tuple, new: Any) -> Any:
-    items = list(args)
-    items[path[0]] = new if len(path) == 1 else _replace_at_path(items[path[0]], path[1:], new)
-    return type(args)(items) if isinstance(args, (tuple, list)) else items
 
 
 def _fetch(module: nn.Module, target: str) -> Any:

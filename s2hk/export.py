@@ -13,6 +13,7 @@ layers from the JSON -- no class is ever unpickled.
 from __future__ import annotations
 
 import json
+import operator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -21,8 +22,7 @@ import torch.fx as fx
 import torch.nn as nn
 from torch import Tensor
 
-from .engine import _at_path, _replace_at_path, _reshape_arguments
-from .graph import layout_width, trace
+from .graph import layout_width, node_argument, reshape_arguments, set_node_argument, trace
 from .layers import GatedNorm, Selection, select
 
 if TYPE_CHECKING:
@@ -168,12 +168,23 @@ def apply_graph_edits(gm: fx.GraphModule, edits: dict) -> None:
     nodes = {n.name: n for n in gm.graph.nodes}
     for name, dims in edits.get("reshapes", {}).items():
         node = nodes[name]
-        x, sizes = _reshape_arguments(node)
-        sizes = tuple(s if d is None else int(d) for s, d in zip(sizes, dims))
+        x, sizes, packed = reshape_arguments(node)
+        if packed:  # one size sequence computed at run time: replace its entries with tuple ops in the graph
+            with gm.graph.inserting_before(node):
+                shape = gm.graph.call_function(tuple, (sizes[0],))
+                for i, d in enumerate(dims):
+                    if d is not None:
+                        head = gm.graph.call_function(operator.getitem, (shape, slice(None, i)))
+                        tail = gm.graph.call_function(operator.getitem, (shape, slice(i + 1, None)))
+                        shape = gm.graph.call_function(operator.add, (
+                            gm.graph.call_function(operator.add, (head, (int(d),))), tail))
+            sizes = (shape,)
+        else:
+            sizes = tuple(s if d is None else int(d) for s, d in zip(sizes, dims))
         node.args, node.kwargs = ((x, *sizes) if node.op == "call_method" else (x, sizes)), {}
     for i, cut in enumerate(edits.get("constant_slices", [])):
         node, path, dim, kept = nodes[cut["node"]], tuple(cut["arg_path"]), int(cut["dim"]), cut["kept"]
-        constant = _at_path(node.args, path)
+        constant = node_argument(node, path)
         with gm.graph.inserting_before(node):
             if kept == list(range(len(kept))):
                 sliced = gm.graph.call_function(torch.narrow, (constant, dim, 0, len(kept)))
@@ -182,7 +193,7 @@ def apply_graph_edits(gm: fx.GraphModule, edits: dict) -> None:
                 device = next((t.device for t in gm.parameters()), torch.device("cpu"))
                 gm.register_buffer(buffer, torch.tensor(kept, dtype=torch.long, device=device))
                 sliced = gm.graph.call_function(torch.index_select, (constant, dim, gm.graph.get_attr(buffer)))
-        node.args = _replace_at_path(node.args, path, sliced)
+        set_node_argument(node, path, sliced)
     replaced: dict[str, str] = {}
     for add, shortcut in edits.get("skipped_blocks", []):
         if add not in nodes or shortcut not in nodes:

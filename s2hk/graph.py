@@ -122,12 +122,15 @@ class ReshapeSpec:
 class ConstantSlice:
     """A tensor that does not depend on the input (a parameter, buffer or something computed from them) meeting
     channels: on the hard path it is cut to the kept channels of ``layout`` along ``dim`` before ``node`` uses
-    it. ``arg_path`` locates it in ``node.args`` (``(i,)`` or ``(i, j)`` inside a list argument)."""
+    it; where it is *added* to channels (``gate``: an add, a concat, an attention mask), the soft path scales
+    it by the keep-probabilities like the channels it joins, so a removed channel is zero on both paths.
+    ``arg_path`` locates it in the call (:func:`node_argument`)."""
 
     node: str
     arg_path: tuple
     dim: int
     layout: Layout
+    gate: bool = False
 
 
 @dataclass
@@ -464,6 +467,9 @@ class _Analyzer:
             shape = self.shapes.get(node.name)
             if shape is not None and len(shape) >= 2:
                 axis = 1 if len(shape) >= 3 else len(shape) - 1
+                if any(u.op == "call_module" and isinstance(self.modules.get(str(u.target)), nn.Linear)
+                       for u in node.users):
+                    axis = len(shape) - 1  # tokens (N, L, D) read by a linear layer: channels last
                 space = self.new_space(shape[axis], frozen=f"model input '{node.name}'")
                 self.make_info(node, (Segment(space, shape[axis]),), axis)
             return
@@ -498,6 +504,12 @@ class _Analyzer:
         shape = self.shapes.get(node.name)
         if shape is not None and len(shape) >= 2:
             axis = 1 if len(shape) >= 3 else len(shape) - 1
+            inputs = [self.info[a.name] for a in self.tensor_args(node)]
+            same_rank = [i for i in inputs if i.ndim == len(shape)]
+            if same_rank:  # channels stay in the dimension they had (tokens keep them last)
+                axis = same_rank[0].axis
+            elif any(i.axis == i.ndim - 1 for i in inputs):
+                axis = len(shape) - 1
             space = self.new_space(shape[axis], frozen=where)
             self.make_info(node, (Segment(space, shape[axis]),), axis)
         self.opaque.append(node.name)
@@ -690,7 +702,13 @@ class _Analyzer:
     def visit_broadcast_shape(self, node: fx.Node) -> None:
         """unsqueeze / squeeze / expand: dimensions of size one come or go; the channel dimension is found by
         its position from the end, or from the start when dimensions were added or removed after it."""
-        info = self.single_input(node)
+        if node.target in _EXPAND:
+            source = node.args[0]
+            if source.name not in self.info:
+                return  # a constant expanded to a traced shape stays a constant
+            info = self.info[source.name]
+        else:
+            info = self.single_input(node)
         shape = self.shapes[node.name]
         if node.target in _EXPAND:
             shift = len(shape) - info.ndim
@@ -795,17 +813,24 @@ class _Analyzer:
         if multiply:
             # a channel multiply (SE / gating): the smaller, broadcast operand is the attention branch; its
             # producer must not be gated too, or the product would carry the keep-probability twice
-            attention = 1 if _numel(b.shape) <= _numel(a.shape) else 0
+            attention = 1 if self.unexpanded_numel(operands[1]) <= self.unexpanded_numel(operands[0]) else 0
             self.mark_attention(operands[attention], node)
         main = a if _numel(a.shape) >= _numel(b.shape) else b
         self.make_info(node, main.layout, main.axis + len(shape) - main.ndim,
                        None if main.parts_axis is None else main.parts_axis + len(shape) - main.ndim)
 
+    def unexpanded_numel(self, node: fx.Node) -> int:
+        """Elements of ``node``'s value before any ``expand`` / ``expand_as`` made it bigger."""
+        while node.target in _EXPAND and isinstance(node.args[0], fx.Node) and node.args[0].name in self.info:
+            node = node.args[0]
+        return _numel(self.info[node.name].shape)
+
     def slice_constants(self, node: fx.Node, info: _TensorInfo) -> None:
         """A tensor computed without the model input (a parameter, buffer, or what is made from them) combined
         with channels: cut to the kept channels on the hard path (a position embedding, a per-head bias)."""
         from_end = info.ndim - info.axis
-        for i, arg in enumerate(node.args):
+        gate = node.target in _ADD_LIKE
+        for i, arg in [*enumerate(node.args), *node.kwargs.items()]:
             if not isinstance(arg, fx.Node) or arg.name in self.info or arg.name not in self.shapes:
                 continue
             cshape = self.shapes[arg.name]
@@ -815,11 +840,14 @@ class _Analyzer:
             if cshape[d] != info.shape[info.axis]:
                 raise _Unsupported(f"combines '{arg.name}' of shape {tuple(cshape)} with {info.shape[info.axis]} "
                                    "channels")
-            self.constant_slices.append(ConstantSlice(node.name, (i,), d, info.layout))
+            self.constant_slices.append(ConstantSlice(node.name, (i,), d, info.layout, gate))
 
     def mark_attention(self, start: fx.Node, where: fx.Node) -> None:
         node = start
         while True:
+            if node.target in _EXPAND:  # y.expand_as(x): the attention is y
+                node = node.args[0]
+                continue
             if node.op == "call_module" and node.name in self.layers:
                 spec = self.layers[node.name]
                 if spec.kind in ("conv", "linear") and not spec.depthwise:
@@ -856,7 +884,7 @@ class _Analyzer:
             if t.name in self.info:
                 self.unify(ref.layout, self.info[t.name].layout, self.scope(node))
             elif self.shapes[t.name][ref.axis] != 1:
-                self.constant_slices.append(ConstantSlice(node.name, (0, i), ref.axis, ref.layout))
+                self.constant_slices.append(ConstantSlice(node.name, (0, i), ref.axis, ref.layout, True))
         self.make_info(node, ref.layout, ref.axis, ref.parts_axis)
 
     def visit_matmul(self, node: fx.Node) -> None:
@@ -885,9 +913,15 @@ class _Analyzer:
         from_end = infos[0].ndim - infos[0].axis
         if from_end <= 2 or any(i.ndim - i.axis != from_end or i.parts_axis is not None for i in infos):
             raise _Unsupported("attention whose channels are not a batch dimension (heads)")
-        mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
+        mask_path: tuple = (3,) if len(node.args) > 3 else ("attn_mask",)
+        mask = node_argument(node, mask_path) if len(node.args) > 3 or "attn_mask" in node.kwargs else None
         if isinstance(mask, fx.Node) and mask.name in self.info:
             raise _Unsupported("attention mask computed from the input's channels")
+        if isinstance(mask, fx.Node) and mask.name in self.shapes:  # a constant mask per head is cut with them
+            mshape = self.shapes[mask.name]
+            d = len(mshape) - from_end
+            if d >= 0 and mshape[d] != 1:
+                self.constant_slices.append(ConstantSlice(node.name, mask_path, d, infos[0].layout, True))
         for other in infos[1:]:
             self.unify(infos[0].layout, other.layout, self.scope(node))
         shape = self.shapes[node.name]
@@ -988,7 +1022,7 @@ class _Analyzer:
                 g.frozen_reasons.append("a single channel")
         reshapes = {name: ReshapeSpec(name, tuple(remap(d) if isinstance(d, tuple) else d for d in r.dims))
                     for name, r in self.reshapes.items()}
-        slices = [ConstantSlice(c.node, c.arg_path, c.dim, remap(c.layout)) for c in self.constant_slices]
+        slices = [ConstantSlice(c.node, c.arg_path, c.dim, remap(c.layout), c.gate) for c in self.constant_slices]
         matmuls = {name: MatmulSpec(name, remap(m.layout), m.macs_per_position) for name, m in self.matmuls.items()}
         return GraphAnalysis(self.gm, groups, self.layers, self.shapes, self.opaque, reshapes, slices, matmuls)
 
@@ -1013,3 +1047,42 @@ def _arg(node: fx.Node, position: int, name: str) -> Any:
     if len(node.args) > position:
         return node.args[position]
     return node.kwargs.get(name)
+
+
+def node_argument(node: fx.Node, path: tuple) -> Any:
+    """The argument of ``node`` at ``path``: ``(i,)`` the i-th positional one, ``(i, j)`` the j-th element of a
+    list argument (``torch.cat``), ``("name",)`` a keyword one."""
+    value: Any = node.kwargs if isinstance(path[0], str) else node.args
+    for i in path:
+        value = value[i]
+    return value
+
+
+def set_node_argument(node: fx.Node, path: tuple, new: Any) -> None:
+    """Replace the argument of ``node`` at ``path`` (see :func:`node_argument`) by ``new``."""
+    def replaced(container: Any, rest: tuple) -> Any:
+        if isinstance(container, dict):
+            return {**container, rest[0]: new if len(rest) == 1 else replaced(container[rest[0]], rest[1:])}
+        items = list(container)
+        items[rest[0]] = new if len(rest) == 1 else replaced(items[rest[0]], rest[1:])
+        return type(container)(items)
+
+    if isinstance(path[0], str):
+        node.kwargs = replaced(node.kwargs, path)
+    else:
+        node.args = replaced(node.args, path)
+
+
+def reshape_arguments(node: fx.Node) -> tuple[Any, tuple, bool]:
+    """``(tensor, sizes, packed)`` of a ``reshape`` / ``view`` call: the sizes one by one, however they are
+    given (varargs, a sequence, ``torch.reshape(x, shape)``, ``shape=``); ``packed`` when they are one value
+    computed at run time (``t.size()[:-1] + (heads, -1)``), returned as a one-element tuple."""
+    x = node.args[0]
+    if node.op == "call_method":
+        sizes = node.args[1:] or (node.kwargs.get("shape", node.kwargs.get("size")),)
+    else:
+        sizes = (node.args[1] if len(node.args) > 1 else node.kwargs["shape"],)
+    if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)):
+        return x, tuple(sizes[0]), False
+    packed = len(sizes) == 1 and isinstance(sizes[0], fx.Node)
+    return x, tuple(sizes), packed

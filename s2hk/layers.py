@@ -319,17 +319,20 @@ class ChannelReshape(_PathOp):
     """``x.reshape(*sizes)`` (or ``view``) where some output sizes count channels (attention heads, a flattened
     embedding): on the hard path those sizes are the kept counts, whatever the traced code passes (a head count
     fixed at construction, say). ``dims[i]`` is the layout counted by output dimension ``i``, its fixed size
-    (an int), or None (as passed)."""
+    (an int), or None (as passed). ``packed``: the sizes come as one sequence computed at run time."""
 
-    def __init__(self, method: str, dims: tuple, state: PathState) -> None:
+    def __init__(self, method: str, dims: tuple, state: PathState, packed: bool = False) -> None:
         super().__init__(state)
         self.method = method
         self.dims = dims
+        self.packed = packed
 
     def extra_repr(self) -> str:
         return f"{self.method}, channel dims={[i for i, d in enumerate(self.dims) if d is not None]}"
 
     def apply(self, path: str, x: Tensor, *sizes: Any) -> Tensor:
+        if self.packed and isinstance(sizes[0], (tuple, list)):
+            sizes = tuple(sizes[0])
         if path == "hard":
             sizes = tuple(s if d is None else d if isinstance(d, int) else self.kept_positions(d)
                           for s, d in zip(sizes, self.dims))
@@ -338,17 +341,21 @@ class ChannelReshape(_PathOp):
 
 class ChannelSlice(_PathOp):
     """A constant tensor (parameter, buffer, or made from them) meeting channels: on the hard path, only the kept
-    channels of ``layout`` along ``dim``; unchanged on the soft and dense paths."""
+    channels of ``layout`` along ``dim``; on the soft path, scaled by their keep-probabilities where ``gate``
+    (it is added to channels that carry them); unchanged on the dense path."""
 
-    def __init__(self, dim: int, layout: Layout, state: PathState) -> None:
+    def __init__(self, dim: int, layout: Layout, gate: bool, state: PathState) -> None:
         super().__init__(state)
         self.dim = dim
         self.layout = layout
+        self.gate = gate
 
     def extra_repr(self) -> str:
-        return f"dim={self.dim}"
+        return f"dim={self.dim}, gate={self.gate}"
 
     def apply(self, path: str, t: Tensor) -> Tensor:
-        if path != "hard":
-            return t
-        return select(t, self.dim, self.state.selections[self.layout])
+        if path == "hard":
+            return select(t, self.dim, self.state.selections[self.layout])
+        if path == "soft" and self.gate:
+            return t * self.state.gates[self.layout].view(_gate_shape(t.dim(), self.dim))
+        return t
