@@ -164,6 +164,9 @@ def run_one(method: str, seed: int, init_state: dict, args: argparse.Namespace, 
         "steps": trainer.step, "val_images": val.num_samples,
         "history": [{k: v for k, v in h.items() if isinstance(v, (int, float, str))} for h in trainer.history],
     }
+    if hasattr(pruner, "best_depths"):  # STP: blocks kept per stage of skippable residual blocks
+        record["depths"] = pruner.best_depths()
+        record["full_depths"] = [stage.depth for stage in pruner.stages]
     plan = getattr(pruner, "uniform_plan", None)
     if plan is not None:
         record["uniform_keep_ratio"] = plan.keep_ratio

@@ -414,3 +414,22 @@ def test_soft_path_at_binary_gates_is_the_hard_path_on_shipped_transformers(name
     channels = {grp.name: sorted(torch.randperm(grp.channels, generator=g)[:max(1, grp.channels // 2)].tolist())
                 for grp in net.prunable}
     assert soft_at_binary_gates_minus_hard(net, channels, x) <= 1e-9
+
+
+def test_token_inputs_embedded_by_a_linear_layer():
+    """A (B, N, D_in) token input read by nn.Linear has its channels last; heads and MLP are pruned as usual."""
+
+    class Tokens(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Linear(5, 24)
+            self.block = Block(24, 4, "index", 7, post=False, layer_scale=False)
+            self.head = nn.Linear(24, 3)
+
+        def forward(self, x):  # (B, 7 tokens, 5 features)
+            return self.head(self.block(self.embed(x)).mean(1))
+
+    torch.manual_seed(0)
+    model = randomise_layer_norms(Tokens()).double().eval()
+    x = torch.randn(2, 7, 5, dtype=torch.float64)
+    check(model, x, {"block.attn.qkv": [1, 3], "block.mlp.0": list(range(0, 48, 3))})
