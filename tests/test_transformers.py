@@ -415,3 +415,17 @@ def test_cli_prunes_a_shipped_transformer(tmp_path, method):
 
     pruned = load_pruned(out / "pruned")  # rebuilt from the registry name and image size in the JSON
     assert pruned(torch.zeros(2, 3, 8, 8)).shape == (2, 10)
+
+
+def test_crsfp_runs_on_the_shipped_swin():
+    from s2hk.crsfp import CRSFPruner
+
+    pruner = CRSFPruner(shipped("swin_tiny_cifar"), torch.zeros(1, 3, 16, 16), prune_rate=0.5)
+    opt = torch.optim.SGD(pruner.weight_parameters(), lr=0.01, momentum=0.9)
+    x, y = torch.randn(4, 3, 16, 16), torch.randint(0, 10, (4,))
+    pruner.train_step((x, x.flip(-1)), y, opt)
+    pruner.on_epoch_end()
+    pruner.eval()
+    exported = pruner.export()
+    assert torch.allclose(exported(x), pruner(x, path="hard"), atol=1e-5)
+    assert count_flops(exported, torch.zeros(1, 3, 16, 16)) == pruner.flops("hard") < pruner.flops("full")
