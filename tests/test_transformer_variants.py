@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from s2hk import TwoPathNetwork, count_flops
 from s2hk.graph import UnsupportedModelError, analyze
+from helpers import randomise_norms
 
 
 # --- helpers -----------------------------------------------------------------------------------------------
@@ -74,16 +75,6 @@ def soft_at_binary_gates_minus_hard(net: TwoPathNetwork, channels: dict, x: torc
         net.prepare_hard()
         hard = net.run("hard", x)
     return (soft - hard).abs().max().item()
-
-
-def randomise_layer_norms(model: nn.Module) -> nn.Module:
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.LayerNorm):
-                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
-                m.bias.copy_(torch.rand(m.bias.shape, generator=g) - 0.5)
-    return model
 
 
 # --- a configurable user-written ViT -------------------------------------------------------------------------
@@ -174,7 +165,7 @@ X = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0)).double()
 
 def vit(**kwargs) -> nn.Module:
     torch.manual_seed(0)
-    return randomise_layer_norms(ViT(**kwargs)).double().eval()
+    return randomise_norms(ViT(**kwargs)).double().eval()
 
 
 def channel_lists(net: TwoPathNetwork, heads: list[int]) -> dict:
@@ -407,7 +398,7 @@ def test_soft_path_at_binary_gates_is_the_hard_path_on_shipped_transformers(name
     torch.manual_seed(0)
     small = {"vit_tiny_cifar": {"depth": 2},
              "swin_tiny_cifar": {"depths": (2, 2), "num_heads": (3, 6), "embed_dim": 24}}[name]
-    model = randomise_layer_norms(models.get_model(name, image_size=16, **small)).double()
+    model = randomise_norms(models.get_model(name, image_size=16, **small)).double()
     x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
     net = TwoPathNetwork(model, x[:1])
     g = torch.Generator().manual_seed(1)
@@ -430,6 +421,6 @@ def test_token_inputs_embedded_by_a_linear_layer():
             return self.head(self.block(self.embed(x)).mean(1))
 
     torch.manual_seed(0)
-    model = randomise_layer_norms(Tokens()).double().eval()
+    model = randomise_norms(Tokens()).double().eval()
     x = torch.randn(2, 7, 5, dtype=torch.float64)
     check(model, x, {"block.attn.qkv": [1, 3], "block.mlp.0": list(range(0, 48, 3))})

@@ -12,6 +12,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from s2hk import TwoPathNetwork, count_flops, models
 from s2hk.graph import UnsupportedModelError, analyze
+from helpers import randomise_norms
 
 
 # --- a user-written ViT (not ours): fused qkv + matmul attention, or separate q/k/v + SDPA ------------------
@@ -81,21 +82,11 @@ class TinyViT(nn.Module):
 X8 = torch.randn(2, 3, 8, 8)
 
 
-def randomise_layer_norms(model: nn.Module, seed: int = 0) -> nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.LayerNorm):
-                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
-                m.bias.copy_(torch.rand(m.bias.shape, generator=g) - 0.5)
-    return model
-
-
 def shipped(name: str, **kwargs) -> nn.Module:
     torch.manual_seed(0)
     small = {"vit_tiny_cifar": {"depth": 2}, "vit_small_cifar": {"depth": 2},
              "swin_tiny_cifar": {"depths": (2, 2), "num_heads": (3, 6), "embed_dim": 24}}[name]
-    return randomise_layer_norms(models.get_model(name, image_size=16, **{**small, **kwargs}))
+    return randomise_norms(models.get_model(name, image_size=16, **{**small, **kwargs}))
 
 
 @functools.lru_cache(maxsize=None)
@@ -230,7 +221,7 @@ def width_settings(net: TwoPathNetwork, seed: int) -> list[dict]:
 @pytest.mark.parametrize("prune_embedding", [False, True])
 def test_export_equals_hard_path_hand_written(separate, prune_embedding):
     torch.manual_seed(2)
-    model = randomise_layer_norms(TinyViT(separate=separate))
+    model = randomise_norms(TinyViT(separate=separate))
     net = TwoPathNetwork(model, X8[:1], prune_embedding=prune_embedding)
     for i, channels in enumerate(width_settings(net, seed=3)):
         check_export(net, channels, X8)
