@@ -243,6 +243,10 @@ def architecture(net: "TwoPathNetwork", model_name: Optional[str] = None,
             "dense_in_channels": dense_in, "dense_out_channels": dense_out,
             "kept_in_channels": in_idx, "kept_out_channels": out_idx,
         }
+    if net.skipped_blocks():  # layers of skipped residual blocks are not in the pruned model
+        present = dict(export_hard_network(net).named_modules())
+        for target, layer in layers.items():
+            layer["removed"] = target not in present
     inputs = net.example_inputs if isinstance(net.example_inputs, (tuple, list)) else (net.example_inputs,)
     return {
         "format": ARCHITECTURE_FORMAT, "version": ARCHITECTURE_VERSION,

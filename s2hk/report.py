@@ -199,6 +199,8 @@ def _channel_rows(arch: dict) -> list[tuple[str, int, int]]:
         if not isinstance(layer, dict):
             continue
         kept, dense = layer.get("out_channels"), layer.get("dense_out_channels")
+        if layer.get("removed") is True:  # the layer of a skipped residual block: nothing kept
+            kept = 0
         if isinstance(kept, int) and isinstance(dense, int) and dense > 0:
             rows.append((str(name), kept, dense, str(layer.get("type", ""))))
     # Normalization layers repeat the width of the layer feeding them; showing them would double every bar.
@@ -222,7 +224,7 @@ def _plot_channels(arch: dict, path: Path) -> Path | None:
     ax.barh(ys, kept, height=0.6, color="tab:blue", label="kept")
     label_size = 8 if n <= 30 else 6.5
     for y, k, d in zip(ys, kept, dense):
-        ax.text(d, y, f" {k}/{d}", va="center", ha="left", fontsize=label_size - 1)
+        ax.text(d, y, f" {k}/{d}" if k else " block skipped", va="center", ha="left", fontsize=label_size - 1)
     ax.set_yticks(ys, names, fontsize=label_size)
     ax.set_ylim(n - 0.5, -0.5)  # first layer on top, in model order
     ax.set_xlim(0, max(dense) * 1.15)  # room for the k/d labels

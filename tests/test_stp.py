@@ -255,6 +255,10 @@ def test_export_equals_best_subnet_with_skipped_blocks(net, target, depths, gone
     loaded = load_pruned(tmp_path, model=net())
     with torch.no_grad():
         assert torch.equal(loaded(x), small(x))
+    # architecture.json says which layers went with their blocks (the report draws them as skipped)
+    layers = json.loads((tmp_path / "architecture.json").read_text())["layers"]
+    removed = {name for name, layer in layers.items() if layer["removed"]}
+    assert removed == {name for name in layers if name.startswith(gone)}
 
 
 def test_pruning_state_round_trip():
