@@ -720,6 +720,11 @@ class STPruner(TwoPathNetwork):
         if [[name, list(adds)] for name, adds in state.get("stages", [])] != stages:
             raise ValueError(f"pruning state was saved for different stages of residual blocks: expected {stages}, "
                              f"got {state.get('stages')}")
+        best = state.get("best")
+        if not (isinstance(best, dict) and len(best.get("widths", ())) == len(self._full)
+                and len(best.get("depths", ())) == len(self._max_depths)):
+            raise ValueError("pruning state has no width + depth architecture of this network (written by an "
+                             "older, width-only STP?)")
         for name in state["hard_bn"]:
             if name not in self.wrappers:
                 raise ValueError(f"pruning state has hard BN statistics for unknown layer call '{name}'")

@@ -276,6 +276,9 @@ def test_pruning_state_round_trip():
     assert q.best == p.best and q.epoch == p.epoch
     assert [add for add, _ in q.skipped_blocks()] == [p.stages[0].blocks[2].add, p.stages[1].blocks[1].add]
     assert q.sample_subnets() == p.sample_subnets()
+    width_only = {**state, "best": list(state["best"]["widths"])}  # as the earlier, width-only STP wrote it
+    with pytest.raises(ValueError, match="width-only"):
+        q.load_pruning_state(width_only)
     state["stages"][1][1] = state["stages"][1][1][:1]
     with pytest.raises(ValueError, match="different stages"):
         q.load_pruning_state(state)
