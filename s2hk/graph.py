@@ -296,6 +296,8 @@ class _Analyzer:
         self.constant_slices: list[ConstantSlice] = []
         self.matmuls: dict[str, MatmulSpec] = {}
         self.layer_norm_spaces: dict[int, str] = {}  # space -> a LayerNorm normalising over it
+        self.size_values: set[str] = set()           # traced sizes and arithmetic on them (not tensors)
+        self.size_derived: set[str] = set()          # tensors created from traced sizes, and what follows
         self.modules = dict(gm.named_modules())
         self.ignore = ignore
         self.uf = _UnionFind()
@@ -480,8 +482,21 @@ class _Analyzer:
                 for info in self.tuple_info.get(arg.name, ()):
                     self.freeze(info.layout, "reaches the model output")
             return
-        if node.op == "get_attr" or not self.tracked_args(node):
-            return  # constants (parameters, buffers and what is computed from them alone), shape arithmetic
+        if node.op == "get_attr":
+            return
+        if not self.tracked_args(node):
+            # constants (parameters, buffers and what is computed from them alone) and shape arithmetic; a
+            # tensor *created* from a traced size (torch.arange(x.shape[-1])) would already have the hard path's
+            # width there: remember which
+            inputs = node.all_input_nodes
+            tensors = [a for a in inputs if a.name in self.shapes]
+            if node.name not in self.shapes:
+                if any(a.name in self.size_values for a in inputs):
+                    self.size_values.add(node.name)
+            elif any(a.name in self.size_derived for a in tensors) or \
+                    (not tensors and any(a.name in self.size_values for a in inputs)):
+                self.size_derived.add(node.name)
+            return
         if self.ignored(node):
             self.opaque_node(node, "ignored by the user")
             return
@@ -594,6 +609,7 @@ class _Analyzer:
         target = node.target
         is_method = node.op == "call_method"
         if (is_method and target in _SHAPE_QUERIES) or target is getattr:
+            self.size_values.add(node.name)
             return
         if target is operator.getitem:
             self.visit_getitem(node)
@@ -840,6 +856,10 @@ class _Analyzer:
             if cshape[d] != info.shape[info.axis]:
                 raise _Unsupported(f"combines '{arg.name}' of shape {tuple(cshape)} with {info.shape[info.axis]} "
                                    "channels")
+            if arg.name in self.size_derived:
+                self.freeze(info.layout, f"{self.scope(node)}: combined with '{arg.name}', made from a tensor's "
+                                         "size (its width would not follow the kept channels)")
+                continue
             self.constant_slices.append(ConstantSlice(node.name, (i,), d, info.layout, gate))
 
     def mark_attention(self, start: fx.Node, where: fx.Node) -> None:
@@ -883,6 +903,8 @@ class _Analyzer:
         for i, t in enumerate(tensors):
             if t.name in self.info:
                 self.unify(ref.layout, self.info[t.name].layout, self.scope(node))
+            elif t.name in self.size_derived:
+                self.freeze(ref.layout, f"{self.scope(node)}: concatenated with '{t.name}', made from a tensor's size")
             elif self.shapes[t.name][ref.axis] != 1:
                 self.constant_slices.append(ConstantSlice(node.name, (0, i), ref.axis, ref.layout, True))
         self.make_info(node, ref.layout, ref.axis, ref.parts_axis)

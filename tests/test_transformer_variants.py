@@ -424,3 +424,27 @@ def test_token_inputs_embedded_by_a_linear_layer():
     model = randomise_norms(Tokens()).double().eval()
     x = torch.randn(2, 7, 5, dtype=torch.float64)
     check(model, x, {"block.attn.qkv": [1, 3], "block.mlp.0": list(range(0, 48, 3))})
+
+
+def test_a_table_made_from_a_traced_size_freezes_the_channels_it_meets():
+    """A sin-cos table built from ``x.shape[-1]`` already has the hard path's width there: the channels it is
+    added to are kept whole (with the reason) rather than cut twice."""
+
+    class SinCos(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Linear(5, 24)
+            self.fc1, self.fc2 = nn.Linear(24, 48), nn.Linear(48, 24)
+            self.head = nn.Linear(24, 3)
+
+        def forward(self, x):  # (B, N, 5)
+            h = self.embed(x)
+            n, d = h.shape[1], h.shape[-1]
+            table = torch.sin(torch.arange(n, dtype=h.dtype)[:, None] * torch.arange(d, dtype=h.dtype)[None, :])
+            h = h + table
+            return self.head((h + self.fc2(F.relu(self.fc1(h)))).mean(1))
+
+    a = analyze(SinCos(), torch.randn(2, 7, 5))
+    embedding = next(g for g in a.groups if g.name == "embed")
+    assert not embedding.prunable and any("size" in r for r in embedding.frozen_reasons)
+    assert next(g for g in a.groups if g.name == "fc1").prunable
