@@ -826,11 +826,12 @@ class _Analyzer:
         if a.ndim - a.axis != b.ndim - b.axis and a.shape[a.axis] != 1 and b.shape[b.axis] != 1:
             raise _Unsupported("operands have their channels in different dimensions")
         self.unify(a.layout, b.layout, self.scope(node))
-        if multiply:
+        sizes = [self.unexpanded_numel(o) for o in operands[:2]]
+        if multiply and sizes[0] != sizes[1]:
             # a channel multiply (SE / gating): the smaller, broadcast operand is the attention branch; its
-            # producer must not be gated too, or the product would carry the keep-probability twice
-            attention = 1 if self.unexpanded_numel(operands[1]) <= self.unexpanded_numel(operands[0]) else 0
-            self.mark_attention(operands[attention], node)
+            # producer must not be gated too, or the product would carry the keep-probability twice. (An
+            # elementwise product of equal shapes, a GLU, keeps both gates: at 0 / 1 it is the hard product.)
+            self.mark_attention(operands[1 if sizes[1] < sizes[0] else 0], node)
         main = a if _numel(a.shape) >= _numel(b.shape) else b
         self.make_info(node, main.layout, main.axis + len(shape) - main.ndim,
                        None if main.parts_axis is None else main.parts_axis + len(shape) - main.ndim)

@@ -448,3 +448,26 @@ def test_a_table_made_from_a_traced_size_freezes_the_channels_it_meets():
     embedding = next(g for g in a.groups if g.name == "embed")
     assert not embedding.prunable and any("size" in r for r in embedding.frozen_reasons)
     assert next(g for g in a.groups if g.name == "fc1").prunable
+
+
+def test_swiglu_mlp():
+    """``a, b = fc1(x).chunk(2, -1); fc2(a * silu(b))``: both halves keep the same hidden channels."""
+
+    class SwiGLU(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Linear(5, 24)
+            self.fc1, self.fc2 = nn.Linear(24, 96), nn.Linear(48, 24)
+            self.head = nn.Linear(24, 3)
+
+        def forward(self, x):
+            h = self.embed(x)
+            a, b = self.fc1(h).chunk(2, dim=-1)
+            return self.head((h + self.fc2(a * F.silu(b))).mean(1))
+
+    torch.manual_seed(0)
+    model = SwiGLU().double().eval()
+    x = torch.randn(2, 7, 5, dtype=torch.float64)
+    net = check(model, x, {"fc1": [0, 5, 7, 30, 47]}, oracle=False)
+    assert net.group("fc1").channels == 48
+    assert soft_at_binary_gates_minus_hard(net, {"fc1": [0, 5, 7, 30, 47]}, x) <= 1e-9
