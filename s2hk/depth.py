@@ -8,12 +8,15 @@ either operand order, no ``alpha``) where
 - ``branch`` is computed from ``shortcut`` (``shortcut`` is an ancestor of ``branch``),
 - every node strictly between them (an ancestor of ``branch`` and a descendant of ``shortcut``) is read only
   inside the block: nothing outside the block sees an intermediate of its branch,
+- the branch reads no other tensor that depends on the model input (it is a function of ``shortcut`` and of
+  parameters; a term that sees the input only through its size, ``pos[:, :x.shape[1]]``, is not a branch),
 - ``a`` has the shape of ``shortcut`` (the identity can stand in for the block).
 
 *Skipping* the block replaces every use of ``a`` by ``shortcut``; the branch becomes dead code and is removed,
 so a skipped block is the identity. In a post-activation ResNet (``relu(branch + x)``) the ReLU after the add
 stays and computes ``relu(x)``, which is ``x`` because ``x`` is itself a ReLU output (or the stem's): the
-skipped block is the identity there too.
+skipped block is the identity there too. Where an in-place op reads the add (``out += x; relu_(out)``), it
+reads a copy of the shortcut instead, which the layers before it may have saved for their backward.
 
 A *stage* is a run of skippable blocks, in graph order, along one uninterrupted residual stream: the shortcut
 of each block after the first is reached from the previous block's add through shape-preserving elementwise
@@ -33,7 +36,7 @@ import torch.fx as fx
 
 from .graph import _ELEMENTWISE_FUNCTIONS, _ELEMENTWISE_METHODS, _ELEMENTWISE_MODULES, GraphAnalysis
 
-__all__ = ["SkippableBlock", "Stage", "find_stages", "skip_blocks"]
+__all__ = ["SkippableBlock", "Stage", "find_stages", "skip_blocks", "identity", "is_inplace"]
 
 _ADD_FUNCTIONS = (operator.add, torch.add)
 
@@ -94,6 +97,17 @@ def _closure(start: fx.Node, step: Callable[[fx.Node], Iterable[fx.Node]]) -> se
     return seen
 
 
+def _is_size_query(node: fx.Node) -> bool:
+    """``x.shape`` / ``x.size()`` / ``x.dim()`` / ``x.numel()``: reads a tensor's size, not its values."""
+    return (node.op == "call_function" and node.target is getattr) or \
+        (node.op == "call_method" and node.target in ("size", "dim", "numel"))
+
+
+def _value_inputs(node: fx.Node) -> list[fx.Node]:
+    """The inputs whose values ``node`` reads (size queries left out)."""
+    return [a for a in node.all_input_nodes if not _is_size_query(a)]
+
+
 def _block_of(add: fx.Node, shape_of: ShapeOf) -> Optional[tuple[int, set[fx.Node], set[fx.Node]]]:
     """``(position of the shortcut in add.args, branch nodes, all ancestors of the branch)`` when ``add`` closes
     a skippable block (module docstring), else None. Shapes are compared where ``shape_of`` knows both."""
@@ -103,17 +117,35 @@ def _block_of(add: fx.Node, shape_of: ShapeOf) -> Optional[tuple[int, set[fx.Nod
         shortcut, branch = add.args[position], add.args[1 - position]
         if branch is shortcut or shortcut.op == "get_attr":
             continue
-        before = _closure(branch, lambda n: n.all_input_nodes)
+        before = _closure(branch, _value_inputs)  # what reaches the branch only through a size is no input
         if shortcut not in before:
             continue
         inner = (_closure(shortcut, lambda n: n.users) & before) | {branch}
         if any(user is not add and user not in inner for node in inner for user in node.users):
             return None  # an intermediate of the branch is read outside the block
+        outside = {a for node in inner for a in _value_inputs(node)} - inner - {shortcut}
+        if any(_reads_the_input(a) for a in outside):
+            return None  # the branch also reads a tensor from before the block: it is not f(shortcut)
         out_shape, in_shape = shape_of(add), shape_of(shortcut)
         if out_shape is not None and in_shape is not None and tuple(out_shape) != tuple(in_shape):
             return None
         return position, inner, before
     return None
+
+
+def _reads_the_input(node: fx.Node) -> bool:
+    """Whether ``node``'s value depends on a model input (else it is made from parameters and buffers)."""
+    return node.op == "placeholder" or any(n.op == "placeholder" for n in _closure(node, _value_inputs))
+
+
+def is_inplace(node: fx.Node, modules: dict) -> bool:
+    """Whether ``node`` writes into its input (``nn.ReLU(inplace=True)``, ``F.relu(x, inplace=True)``,
+    ``x.relu_()``)."""
+    if node.op == "call_module":
+        return bool(getattr(modules.get(str(node.target)), "inplace", False))
+    if node.op == "call_method":
+        return str(node.target).endswith("_") and not str(node.target).endswith("__")
+    return node.op == "call_function" and bool(node.kwargs.get("inplace", False))
 
 
 def _meta_shape(node: fx.Node) -> Optional[tuple]:
@@ -219,9 +251,10 @@ def skip_blocks(gm: fx.GraphModule, adds: Iterable[str]) -> fx.GraphModule:
     order = {n: i for i, n in enumerate(nodes)}
     doomed: set[fx.Node] = set()
     feeders: set[fx.Node] = set()
+    modules = dict(gm.named_modules())
     for add, position, inner, before in sorted(blocks, key=lambda b: order[b[0]]):
         # read the shortcut now: an earlier skipped block may have replaced it by its own shortcut
-        add.replace_all_uses_with(add.args[position])
+        add.replace_all_uses_with(identity(graph, add, add.args[position], modules))
         doomed |= inner | {add}
         feeders |= before
     for node in reversed(nodes):  # users first; a feeder goes once nothing reads it any more
@@ -229,3 +262,13 @@ def skip_blocks(gm: fx.GraphModule, adds: Iterable[str]) -> fx.GraphModule:
             graph.erase_node(node)
     graph.lint()
     return fx.GraphModule(gm, graph, class_name=type(gm).__name__)
+
+
+def identity(graph: fx.Graph, add: fx.Node, shortcut: fx.Node, modules: dict) -> fx.Node:
+    """What stands in for a skipped block's ``add``: its ``shortcut``, or a copy of it where an in-place op
+    (``nn.ReLU(inplace=True)`` after ``out += x``) reads the add -- it would otherwise overwrite the shortcut,
+    which the layers before it saved for their backward."""
+    if not any(is_inplace(user, modules) for user in add.users):
+        return shortcut
+    with graph.inserting_after(shortcut):
+        return graph.call_method("clone", (shortcut,))

@@ -22,6 +22,7 @@ import torch.fx as fx
 import torch.nn as nn
 from torch import Tensor
 
+from .depth import identity
 from .graph import layout_width, node_argument, reshape_arguments, set_node_argument, trace
 from .layers import GatedNorm, Selection, select
 
@@ -195,12 +196,13 @@ def apply_graph_edits(gm: fx.GraphModule, edits: dict) -> None:
                 sliced = gm.graph.call_function(torch.index_select, (constant, dim, gm.graph.get_attr(buffer)))
         set_node_argument(node, path, sliced)
     replaced: dict[str, str] = {}
+    modules = dict(gm.named_modules())
     for add, shortcut in edits.get("skipped_blocks", []):
         if add not in nodes or shortcut not in nodes:
             raise ValueError(f"skipped block '{add}' (shortcut '{shortcut}') is not in the model's graph")
         while shortcut in replaced:  # the shortcut is itself a skipped block's output: use that block's input
             shortcut = replaced[shortcut]
-        nodes[add].replace_all_uses_with(nodes[shortcut])
+        nodes[add].replace_all_uses_with(identity(gm.graph, nodes[add], nodes[shortcut], modules))
         replaced[add] = shortcut
     # what no longer reaches the output goes, random ops (a functional dropout) included
     gm.graph.eliminate_dead_code(is_impure_node=lambda n: n.op in ("placeholder", "output"))
