@@ -117,9 +117,9 @@ def _block_of(add: fx.Node, shape_of: ShapeOf) -> Optional[tuple[int, set[fx.Nod
         shortcut, branch = add.args[position], add.args[1 - position]
         if branch is shortcut or shortcut.op == "get_attr":
             continue
-        before = _closure(branch, _value_inputs)  # what reaches the branch only through a size is no input
-        if shortcut not in before:
+        if shortcut not in _closure(branch, _value_inputs):  # reaching it only through its size does not count
             continue
+        before = _closure(branch, lambda n: n.all_input_nodes)
         inner = (_closure(shortcut, lambda n: n.users) & before) | {branch}
         if any(user is not add and user not in inner for node in inner for user in node.users):
             return None  # an intermediate of the branch is read outside the block
