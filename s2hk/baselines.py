@@ -27,7 +27,7 @@ By hand: ``pruner.set_phase("warmup")``, train; ``pruner.set_phase("hard")`` (pr
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, Optional, Sequence
 
 import torch.nn as nn
@@ -151,6 +151,18 @@ class UniformL1Pruner(S2HPruner):
             self.set_hard_widths(plan.widths)
         self.uniform_plan = plan
         return plan
+
+    def pruning_state(self) -> dict:
+        """S2HPruner's state plus the uniform plan (None before pruning)."""
+        state = super().pruning_state()
+        state["uniform_plan"] = None if self.uniform_plan is None else asdict(self.uniform_plan)
+        return state
+
+    def load_pruning_state(self, state: dict) -> None:
+        """Restore :meth:`pruning_state` (the pinned channels come back through S2HPruner's state)."""
+        super().load_pruning_state(state)
+        plan = state.get("uniform_plan")
+        self.uniform_plan = None if plan is None else UniformPlan(**plan)
 
     def set_phase(self, phase: str) -> None:
         """"warmup" (dense CE training) or "hard" (the first time: prune to the uniform L1 widths and freeze the

@@ -168,6 +168,12 @@ def test_pruner_trains_dense_then_prunes_and_fine_tunes_the_narrow_network():
         assert _kept(pruner, g.name) == sorted(torch.topk(score, plan.widths[g.name]).indices.tolist())
     small = pruner.export()
     assert s2hk.count_flops(small, torch.zeros(1, 3, 8, 8)) == pruner.flops("hard")
+    # a resumed run has the same plan and kept channels
+    again = UniformL1Pruner(small_cnn(), torch.zeros(1, 3, 8, 8), target_flops=0.35, epochs=4)
+    again.model.load_state_dict(pruner.model.state_dict())
+    again.load_pruning_state(pruner.pruning_state())
+    assert again.uniform_plan == plan
+    assert all(_kept(again, g.name) == _kept(pruner, g.name) for g in pruner.prunable)
 
 
 def test_pruner_rejects_bad_schedules():
