@@ -29,7 +29,7 @@ from .layers import GatedNorm, Selection, select
 if TYPE_CHECKING:
     from .engine import TwoPathNetwork
 
-__all__ = ["export_hard_network", "architecture", "save_pruned", "load_pruned", "ARCHITECTURE_FORMAT"]
+__all__ = ["export_hard_network", "attention_heads", "architecture", "save_pruned", "load_pruned", "ARCHITECTURE_FORMAT"]
 
 ARCHITECTURE_FORMAT = "s2hk-architecture"
 ARCHITECTURE_VERSION = 1
@@ -130,7 +130,38 @@ def export_hard_network(net: "TwoPathNetwork") -> fx.GraphModule:
     graph.output(graph.graph_copy(source.graph, {}))
     exported = fx.GraphModule(root, graph, class_name="PrunedModel")
     apply_graph_edits(exported, graph_edits(net))
+    _set_head_counts(exported, attention_heads(net))
     return exported.eval()
+
+
+def _set_head_counts(gm: fx.GraphModule, heads: dict[str, dict]) -> None:
+    """``num_heads`` = the kept heads on each attention's module of ``gm`` (the container of its narrow layers),
+    for whoever inspects the pruned model; its forward already uses them."""
+    for name, entry in heads.items():
+        try:
+            gm.get_submodule(name).num_heads = int(entry["heads"])
+        except AttributeError:  # no layer of that module is left (a skipped block)
+            pass
+
+
+def attention_heads(net: "TwoPathNetwork") -> dict[str, dict]:
+    """Per module whose forward splits channels into heads (a reshape into ``(..., heads, head_dim)``): the kept
+    and the dense head count and the head size, by module name (``"blocks.0.attn"``)."""
+    net.prepare_hard()
+    sel = net.state.selections
+    nodes = {n.name: n for n in net.analysis.graph_module.graph.nodes}
+    out: dict[str, dict] = {}
+    for name, spec in net.analysis.reshapes.items():
+        for i, d in enumerate(spec.dims[:-1]):
+            head_dim = spec.dims[i + 1]
+            if not isinstance(d, tuple) or not isinstance(head_dim, int) or any(seg.repeat != 1 for seg in d):
+                continue
+            stack = nodes[name].meta.get("nn_module_stack") or {}
+            module = list(stack.values())[-1][0] if stack else name
+            kept = sel[d]
+            heads = layout_width(d) if kept is None else (kept if isinstance(kept, int) else kept.numel())
+            out.setdefault(module, {"heads": heads, "dense_heads": layout_width(d), "head_dim": head_dim})
+    return out
 
 
 def graph_edits(net: "TwoPathNetwork") -> dict:
@@ -259,6 +290,7 @@ def architecture(net: "TwoPathNetwork", model_name: Optional[str] = None,
         "groups": {g.name: {"channels": g.channels, "kept": w} for g, w in zip(net.prunable, net.plan.widths)},
         "layers": layers,
         "graph_edits": graph_edits(net),
+        "attention_heads": attention_heads(net),
     }
 
 
@@ -317,6 +349,7 @@ def load_pruned(folder: str | Path, model: Optional[nn.Module] = None) -> fx.Gra
         apply_graph_edits(pruned, arch.get("graph_edits", {}))
     except (KeyError, IndexError, TypeError, ValueError) as err:
         raise ValueError(f"{arch_path}: its graph edits do not fit the model's graph ({err})") from err
+    _set_head_counts(pruned, arch.get("attention_heads", {}))
     try:
         state = torch.load(weights_path, map_location="cpu", weights_only=True)
     except Exception as err:  # unpickling and zip errors have many types; all mean an unreadable file

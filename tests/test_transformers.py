@@ -3,6 +3,7 @@ export with fewer heads, attention FLOPs, and the three methods running on them 
 from __future__ import annotations
 
 import functools
+import json
 
 import pytest
 import torch
@@ -241,6 +242,8 @@ def test_export_equals_hard_path_shipped(name, prune_embedding):
                 and n.args[0].name.endswith("qkv") and n.args[0].name.startswith("blocks_0" if "vit" in name
                                                                                    else "stages_0_blocks_0"))
     assert node.args[4] == len(channels[qkv.name]) and heads
+    attention = "blocks.0.attn" if "vit" in name else "stages.0.blocks.0.attn"
+    assert exported.get_submodule(attention).num_heads == len(channels[qkv.name])
 
 
 def test_save_and_load_a_pruned_vit(tmp_path):
@@ -255,6 +258,10 @@ def test_save_and_load_a_pruned_vit(tmp_path):
     torch.manual_seed(7)
     loaded = load_pruned(tmp_path, model=TinyViT())  # fresh dense weights: everything comes from the files
     assert torch.allclose(loaded(X8), net.export()(X8), atol=1e-6)
+    heads = json.loads((tmp_path / "architecture.json").read_text())["attention_heads"]
+    kept = net.hard_widths()["blocks.0.attn.qkv"]
+    assert heads["blocks.0.attn"] == {"heads": kept, "dense_heads": 4, "head_dim": 6}
+    assert loaded.get_submodule("blocks.0.attn").num_heads == kept
 
 
 # --- FLOPs -------------------------------------------------------------------------------------------------
