@@ -214,11 +214,8 @@ class TwoPathNetwork(nn.Module):
         cache = self._dual
         if cache.module is None:
             cache.module = self._build_dual_module()
-            specs = self.analysis.layers.values()
             cache.layouts = self._hard_layouts()
-            gated = [spec.out_layout for spec in specs if spec.gate]
-            gated += [spec.layout for spec in self.analysis.constant_slices if spec.gate]
-            cache.gated = tuple(dict.fromkeys(gated))
+            cache.gated = self._gated_layouts()
         return cache.module
 
     def _granularity(self, group: ChannelGroup, granularity: Granularity, max_choices: int) -> int:
@@ -455,13 +452,13 @@ class TwoPathNetwork(nn.Module):
 
     def prepare_soft(self, keep: Tensor) -> None:
         """Fill the path state with the soft gates of every gated layout."""
-        gates = {}
+        self.state.gates = {layout: self._layout_gate(layout, keep) for layout in self._gated_layouts()}
+
+    def _gated_layouts(self) -> tuple:
+        """Every layout whose soft gate a layer or a path op reads."""
         layouts = [spec.out_layout for spec in self.analysis.layers.values() if spec.gate]
         layouts += [spec.layout for spec in self.analysis.constant_slices if spec.gate]
-        for layout in layouts:
-            if layout not in gates:
-                gates[layout] = self._layout_gate(layout, keep)
-        self.state.gates = gates
+        return tuple(dict.fromkeys(layouts))
 
     def prepare_hard(self) -> None:
         """Fill the path state with the hard plan's channel selections of every layout."""

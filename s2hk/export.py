@@ -24,7 +24,7 @@ from torch import Tensor
 
 from .depth import identity
 from .graph import layout_width, node_argument, reshape_arguments, set_node_argument, trace
-from .layers import GatedNorm, Selection, select
+from .layers import GatedNorm, Selection, count_selected, select
 
 if TYPE_CHECKING:
     from .engine import TwoPathNetwork
@@ -158,9 +158,8 @@ def attention_heads(net: "TwoPathNetwork") -> dict[str, dict]:
                 continue
             stack = nodes[name].meta.get("nn_module_stack") or {}
             module = list(stack.values())[-1][0] if stack else name
-            kept = sel[d]
-            heads = layout_width(d) if kept is None else (kept if isinstance(kept, int) else kept.numel())
-            out.setdefault(module, {"heads": heads, "dense_heads": layout_width(d), "head_dim": head_dim})
+            out.setdefault(module, {"heads": count_selected(sel[d], layout_width(d)), "dense_heads": layout_width(d),
+                                    "head_dim": head_dim})
     return out
 
 
@@ -176,12 +175,7 @@ def graph_edits(net: "TwoPathNetwork") -> dict:
     """
     net.prepare_hard()
     sel = net.state.selections
-
-    def positions(layout: tuple) -> int:
-        s = sel[layout]
-        return layout_width(layout) if s is None else (s if isinstance(s, int) else s.numel())
-
-    reshapes = {name: [positions(d) if isinstance(d, tuple) else d for d in spec.dims]
+    reshapes = {name: [count_selected(sel[d], layout_width(d)) if isinstance(d, tuple) else d for d in spec.dims]
                 for name, spec in net.analysis.reshapes.items()}
     slices = []
     for spec in net.analysis.constant_slices:

@@ -754,20 +754,20 @@ class _Analyzer:
             raise _Unsupported("reshape of a tensor whose channels are split into fused parts")
         explicit = node.op != "call_module" and node.target not in ("flatten", torch.flatten)
         a, channels, layout = info.axis, info.shape[info.axis], self.layout(info)
-        before, after = _prod(info.shape[:a]), _prod(info.shape[a + 1:])
+        before, after = _numel(info.shape[:a]), _numel(info.shape[a + 1:])
         j = 0
-        while j < len(shape) and _prod(shape[:j]) < before:
+        while j < len(shape) and _numel(shape[:j]) < before:
             j += 1
         while j < len(shape) - 1 and shape[j] == 1 and channels != 1:
             j += 1
-        if j >= len(shape) or _prod(shape[:j]) != before:
+        if j >= len(shape) or _numel(shape[:j]) != before:
             raise _Unsupported(f"reshape {tuple(info.shape)} -> {tuple(shape)} mixes the channel dimension "
                                "with the dimensions before it")
         dims: list = [None] * len(shape)
         if shape[j] == channels:                              # channels intact, maybe moved
             self.make_info(node, layout, j)
             dims[j] = layout
-        elif shape[j] % channels == 0 and any(_prod(info.shape[a + 1:a + 1 + t]) == shape[j] // channels
+        elif shape[j] % channels == 0 and any(_numel(info.shape[a + 1:a + 1 + t]) == shape[j] // channels
                                               for t in range(1, info.ndim - a)):
             merged = shape[j] // channels                    # channels flattened with the dimensions after them
             new = tuple(Segment(s.group, s.size, s.repeat * merged) for s in layout)
@@ -775,10 +775,10 @@ class _Analyzer:
             dims[j] = new
         else:                                                 # channels split into (parts,) units, unit size
             end = j + 1
-            while end <= len(shape) and _prod(shape[j:end]) < channels:
+            while end <= len(shape) and _numel(shape[j:end]) < channels:
                 end += 1
             split = shape[j:end]
-            if _prod(split) != channels or len(split) not in (2, 3) or _prod(shape[end:]) != after:
+            if _numel(split) != channels or len(split) not in (2, 3) or _numel(shape[end:]) != after:
                 raise _Unsupported(f"reshape {tuple(info.shape)} -> {tuple(shape)} splits the channel dimension "
                                    "in a way s2hk cannot follow (supported: (C) -> (units, size) or "
                                    "(parts, units, size), e.g. attention heads)")
@@ -950,7 +950,7 @@ class _Analyzer:
         shape = self.shapes[node.name]
         self.make_info(node, infos[0].layout, len(shape) - from_end)
         qs, ks, vs = (i.shape for i in infos)
-        macs = _prod(qs[:-2]) * qs[-2] * ks[-2] * (qs[-1] + vs[-1])
+        macs = _numel(qs[:-2]) * qs[-2] * ks[-2] * (qs[-1] + vs[-1])
         self.matmuls[node.name] = MatmulSpec(node.name, infos[0].layout, macs // layout_width(infos[0].layout))
 
     def visit_unbind(self, node: fx.Node) -> None:
@@ -1059,10 +1059,6 @@ def _numel(shape: Sequence[int]) -> int:
     for s in shape:
         n *= s
     return n
-
-
-def _prod(shape: Sequence[int]) -> int:
-    return _numel(shape)
 
 
 def _arg(node: fx.Node, position: int, name: str) -> Any:

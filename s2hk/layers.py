@@ -51,7 +51,7 @@ from .graph import Layout, LayerSpec, layout_width
 Selection = Optional[Union[int, Tensor]]
 
 __all__ = ["PathState", "GatedConv", "GatedLinear", "GatedNorm", "ChannelReshape", "ChannelSlice", "select",
-           "wrap_layer"]
+           "count_selected", "wrap_layer"]
 
 
 @dataclass
@@ -72,7 +72,8 @@ def select(t: Optional[Tensor], dim: int, sel: Selection) -> Optional[Tensor]:
     return t.index_select(dim, sel)
 
 
-def _count(sel: Selection, full: int) -> int:
+def count_selected(sel: Selection, full: int) -> int:
+    """How many of ``full`` positions the selection ``sel`` keeps."""
     if sel is None:
         return full
     return sel if isinstance(sel, int) else sel.numel()
@@ -146,7 +147,7 @@ class GatedConv(_Wrapper):
         weight = select(conv.weight, 0, sel_out)
         groups = conv.groups
         if self.spec.depthwise:
-            groups = _count(sel_out, conv.out_channels)
+            groups = count_selected(sel_out, conv.out_channels)
         elif groups == 1:
             weight = select(weight, 1, self.state.selections[self.spec.in_layout])
         return _conv(conv, x, weight, select(conv.bias, 0, sel_out), groups)
@@ -309,10 +310,7 @@ class _PathOp(nn.Module):
 
     def kept_positions(self, layout: Layout) -> int:
         """Positions of ``layout`` on the hard path."""
-        sel = self.state.selections[layout]
-        if sel is None:
-            return layout_width(layout)
-        return sel if isinstance(sel, int) else sel.numel()
+        return count_selected(self.state.selections[layout], layout_width(layout))
 
 
 class ChannelReshape(_PathOp):
