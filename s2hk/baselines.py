@@ -68,10 +68,7 @@ def uniform_widths_at(net: TwoPathNetwork, keep_ratio: float) -> list[int]:
 
 def flops_ratio_at(net: TwoPathNetwork, widths: Sequence[int]) -> float:
     """Exact FLOPs ratio (pruned / dense) of ``net`` with its prunable groups at ``widths`` (frozen groups full)."""
-    all_widths = [g.channels for g in net.groups]
-    for group, k in zip(net.prunable, widths):
-        all_widths[group.index] = int(k)
-    return net.flops_polynomial.flops_at(all_widths) / net.flops_polynomial.dense_flops
+    return net.flops_polynomial.flops_at(net.all_widths(widths)) / net.flops_polynomial.dense_flops
 
 
 def uniform_l1_plan(net: TwoPathNetwork, target_flops: float, iterations: int = 60) -> UniformPlan:

@@ -512,12 +512,13 @@ class TwoPathNetwork(nn.Module):
         return self.run(path, *inputs)
 
     # ------------------------------------------------------------------ FLOPs
-    def all_widths(self) -> list[int]:
-        """Hard width of every group (frozen ones at full width), indexed like :attr:`groups`."""
-        widths = [g.channels for g in self.groups]
-        for g, k in zip(self.prunable, self.plan.widths):
-            widths[g.index] = k
-        return widths
+    def all_widths(self, widths: Optional[Sequence[int]] = None) -> list[int]:
+        """Width of every group, indexed like :attr:`groups`: the prunable ones at ``widths`` (in the order of
+        :attr:`prunable`; default: the hard plan's), the frozen ones at full width."""
+        out = [g.channels for g in self.groups]
+        for g, k in zip(self.prunable, self.plan.widths if widths is None else widths):
+            out[g.index] = int(k)
+        return out
 
     def flops(self, kind: str = "hard") -> int:
         """FLOPs (2 x MACs) of the ``"full"`` (dense) network, or of the ``"hard"`` network at the current

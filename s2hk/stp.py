@@ -280,10 +280,7 @@ class STPruner(TwoPathNetwork):
         return self._skip_sets[key]
 
     def _ratio(self, widths: Sequence[int], depths: Sequence[int]) -> float:
-        all_widths = [g.channels for g in self.groups]
-        for g, k in zip(self.prunable, widths):
-            all_widths[g.index] = int(k)
-        flops = self.flops_polynomial.flops_at(all_widths, skipped_nodes=self._skips(depths)[1])
+        flops = self.flops_polynomial.flops_at(self.all_widths(widths), skipped_nodes=self._skips(depths)[1])
         return flops / self.flops_polynomial.dense_flops
 
     def flops_ratio_of(self, arch: Architecture) -> float:
