@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from s2hk import TwoPathNetwork, models
 from s2hk.layers import GatedNorm
-from helpers import randomise_norms
+from helpers import ResidualNet, randomise_norms
 
 
 class Tiny(nn.Module):
@@ -41,20 +41,9 @@ class Flat(nn.Module):
         return self.fc2(F.relu(self.fc1(x)))
 
 
-class Residual(nn.Module):
-    """stem -> bn0 -> relu -> [conv1 -> bn1 -> relu -> conv2 -> bn2] + identity -> relu -> mean -> fc."""
-
+class Residual(ResidualNet):
     def __init__(self) -> None:
-        super().__init__()
-        self.stem, self.bn0 = nn.Conv2d(3, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6)
-        self.conv1, self.bn1 = nn.Conv2d(6, 5, 3, padding=1, bias=False), nn.BatchNorm2d(5)
-        self.conv2, self.bn2 = nn.Conv2d(5, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6)
-        self.fc = nn.Linear(6, 2)
-
-    def forward(self, x):
-        x = F.relu(self.bn0(self.stem(x)))
-        out = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
-        return self.fc(F.relu(out + x).mean((2, 3)))
+        super().__init__(width=6, inner=5, num_classes=2)
 
 
 class Concat(nn.Module):

@@ -17,45 +17,19 @@ import math
 
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 from s2hk import S2HPruner, dispatch, routing
+from helpers import ResidualNet, TwoConvNet as Net
 
 RTOL, ATOL = 1e-10, 1e-13
 NUM_CLASSES = 5
 EXAMPLE_SHAPE = (2, 3, 6, 6)  # batch 2: the FLOPs polynomial counts the example batch
 
 
-class Net(nn.Module):
-    """conv(3->8) -> BN -> ReLU -> conv(8->12) -> BN -> ReLU -> global mean -> linear(12->5)."""
-
-    def __init__(self, c1: int = 8, c2: int = 12) -> None:
-        super().__init__()
-        self.c1, self.b1 = nn.Conv2d(3, c1, 3, padding=1, bias=False), nn.BatchNorm2d(c1)
-        self.c2, self.b2 = nn.Conv2d(c1, c2, 3, padding=1, bias=False), nn.BatchNorm2d(c2)
-        self.fc = nn.Linear(c2, NUM_CLASSES)
-
-    def forward(self, x):
-        x = F.relu(self.b1(self.c1(x)))
-        x = F.relu(self.b2(self.c2(x)))
-        return self.fc(x.mean((2, 3)))
-
-
-class Residual(nn.Module):
-    """stem -> BN -> ReLU -> [conv -> BN -> ReLU -> conv -> BN] + identity -> ReLU -> mean -> linear."""
-
+class Residual(ResidualNet):
     def __init__(self) -> None:
-        super().__init__()
-        self.stem, self.bn0 = nn.Conv2d(3, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6)
-        self.conv1, self.bn1 = nn.Conv2d(6, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
-        self.conv2, self.bn2 = nn.Conv2d(4, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6)
-        self.fc = nn.Linear(6, NUM_CLASSES)
-
-    def forward(self, x):
-        x = F.relu(self.bn0(self.stem(x)))
-        out = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
-        return self.fc(F.relu(out + x).mean((2, 3)))
+        super().__init__(width=6, inner=4, num_classes=NUM_CLASSES)
 
 
 def make_pruner(net_cls=Net, seed: int = 0, logit_scale: float = 2.0, **overrides) -> S2HPruner:

@@ -16,25 +16,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from s2hk import S2HPruner, dispatch
+from helpers import TwoConvNet as Net
 
 NUM_CLASSES = 5
 EPS = 1e-5
 KEYS = {"loss", "kd_hard", "kd_soft", "flops_loss", "soft_flops_ratio", "hard_flops_ratio", "soft_acc", "hard_acc"}
-
-
-class Net(nn.Module):
-    """conv(3->c1) -> BN -> ReLU -> conv(c1->c2) -> BN -> ReLU -> global mean -> linear(c2->5)."""
-
-    def __init__(self, c1: int = 8, c2: int = 12) -> None:
-        super().__init__()
-        self.c1, self.b1 = nn.Conv2d(3, c1, 3, padding=1, bias=False), nn.BatchNorm2d(c1)
-        self.c2, self.b2 = nn.Conv2d(c1, c2, 3, padding=1, bias=False), nn.BatchNorm2d(c2)
-        self.fc = nn.Linear(c2, NUM_CLASSES)
-
-    def forward(self, x):
-        x = F.relu(self.b1(self.c1(x)))
-        x = F.relu(self.b2(self.c2(x)))
-        return self.fc(x.mean((2, 3)))
 
 
 class Other(nn.Module):

@@ -18,6 +18,7 @@ pytest.importorskip("triton")
 from s2hk import S2HPruner, TwoPathNetwork, dispatch, kernels, layers  # noqa: E402
 from s2hk.kernels import _common  # noqa: E402
 from s2hk.kernels import bn_gate_act as bga  # noqa: E402
+from helpers import ResidualNet
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 OP = "bn_gate_act"
@@ -45,25 +46,9 @@ def triton_bn():
     return dispatch.use_impl("triton", ops=(OP,))
 
 
-class Net(nn.Module):
-    """stem -> bn0 -> relu -> [conv1 -> bn1 -> relu -> conv2 -> bn2] + identity -> relu -> mean -> fc."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.stem, self.bn0 = nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
-        self.conv1, self.bn1 = nn.Conv2d(8, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6)
-        self.conv2, self.bn2 = nn.Conv2d(6, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
-        self.fc = nn.Linear(8, 5)
-
-    def forward(self, x):
-        x = F.relu(self.bn0(self.stem(x)))
-        out = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
-        return self.fc(F.relu(out + x).mean((2, 3)))
-
-
-def make_model() -> Net:
+def make_model() -> ResidualNet:
     torch.manual_seed(1)
-    model = Net()
+    model = ResidualNet(width=8, inner=6, num_classes=5)
     with torch.no_grad():  # non-trivial affine parameters and statistics, so that slicing mistakes show
         for m in model.modules():
             if isinstance(m, nn.BatchNorm2d):
