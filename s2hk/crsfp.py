@@ -365,12 +365,10 @@ class CRSFPruner(TwoPathNetwork):
     def pruning_state(self) -> dict:
         """Kept channels, Taylor accumulators, hard-path BN statistics and the P-NN head (the model's own
         weights are in ``model.state_dict()``)."""
-        hard_bn = {name: {k: v.detach().clone() for k, v in w.state_dict().items() if k.startswith("hard_")}
-                   for name, w in self.wrappers.items() if getattr(w, "hard_running_mean", None) is not None}
         head = self.pnn_head
         return {"method": "crsfp" if self.two_heads else "sfp", "kept": self.kept_channels(),
                 "taylor": [t.clone() for t in self._taylor], "taylor_steps": self._taylor_steps,
-                "phase": self.phase, "hard_bn": hard_bn,
+                "phase": self.phase, "hard_bn": self.hard_norm_state(),
                 "pnn_head": {k: v.detach().clone() for k, v in head.state_dict().items()} if head is not None else None,
                 "groups": [[g.name, g.channels] for g in self.prunable]}
 
@@ -382,13 +380,10 @@ class CRSFPruner(TwoPathNetwork):
                              f"got {state.get('groups')}")
         if (state.get("pnn_head") is None) != (self.pnn_head is None):
             raise ValueError("pruning state and pruner differ in having a separate P-NN head")
-        for name in state["hard_bn"]:
-            if name not in self.wrappers:
-                raise ValueError(f"pruning state has hard BN statistics for unknown layer call '{name}'")
+        writes = self.hard_norm_writes(state["hard_bn"])
         with torch.no_grad():
-            for name, buffers in state["hard_bn"].items():
-                for key, value in buffers.items():
-                    getattr(self.wrappers[name], key).copy_(value)
+            for current, saved in writes:
+                current.copy_(saved)
             if self.pnn_head is not None:
                 self.pnn_head.load_state_dict(state["pnn_head"])
             for t, saved in zip(self._taylor, state["taylor"]):

@@ -542,6 +542,28 @@ class TwoPathNetwork(nn.Module):
 
         return export_hard_network(self)
 
+    def hard_norm_state(self) -> dict[str, dict[str, Tensor]]:
+        """Copies of the hard path's BatchNorm statistics (``hard_running_mean`` / ``_var`` /
+        ``_num_batches_tracked``) of every norm call that tracks them, by node name: part of a pruning state."""
+        return {name: {k: v.detach().clone() for k, v in w.state_dict().items() if k.startswith("hard_")}
+                for name, w in self.wrappers.items() if getattr(w, "hard_running_mean", None) is not None}
+
+    def hard_norm_writes(self, saved: Mapping[str, Mapping[str, Tensor]]) -> list[tuple[Tensor, Tensor]]:
+        """``(buffer, saved value)`` pairs restoring a :meth:`hard_norm_state`, checked first: a layer call this
+        network does not have, or a shape that differs, is a ValueError naming it. Nothing is written here, so a
+        caller can check everything it restores before copying any of it."""
+        writes = []
+        for name, buffers in saved.items():
+            if name not in self.wrappers:
+                raise ValueError(f"pruning state has hard BN statistics for unknown layer call '{name}'")
+            for key, value in buffers.items():
+                current = getattr(self.wrappers[name], key)
+                if tuple(current.shape) != tuple(value.shape):
+                    raise ValueError(f"pruning state entry '{name}.{key}' has shape {tuple(value.shape)}, expected "
+                                     f"{tuple(current.shape)}")
+                writes.append((current, value))
+        return writes
+
     def skipped_blocks(self) -> list[tuple[str, str]]:
         """``(add, shortcut)`` node pairs of residual blocks the hard network skips (none here; depth-searching
         methods override it): the export replaces each add by its shortcut and drops the block's layers."""

@@ -205,11 +205,10 @@ class S2HPruner(TwoPathNetwork):
     def pruning_state(self) -> dict:
         """Mask logits, ranks, pinned widths, phase and hard-path BN statistics (the model's own weights are
         in ``model.state_dict()``)."""
-        hard_bn = {name: {k: v.detach().clone() for k, v in w.state_dict().items() if k.startswith("hard_")}
-                   for name, w in self.wrappers.items() if getattr(w, "hard_running_mean", None) is not None}
         return {"mask_logits": self.mask_logits.detach().clone(), "ranks": self.ranks.clone(),
                 "pinned": {str(gi): (v if isinstance(v, int) else v.tolist()) for gi, v in self._pinned.items()},
-                "phase": self.phase, "hard_bn": hard_bn, "mask_optimizer": self.mask_optimizer.state_dict(),
+                "phase": self.phase, "hard_bn": self.hard_norm_state(),
+                "mask_optimizer": self.mask_optimizer.state_dict(),
                 "groups": self._group_signature()}
 
     def load_pruning_state(self, state: dict) -> None:
@@ -220,17 +219,13 @@ class S2HPruner(TwoPathNetwork):
         if theirs != mine:
             raise ValueError(f"pruning state was saved for different channel groups: expected {mine}, got {theirs}")
         checks = [(self.mask_logits, state["mask_logits"], "mask_logits"), (self.ranks, state["ranks"], "ranks")]
-        for name, buffers in state["hard_bn"].items():
-            if name not in self.wrappers:
-                raise ValueError(f"pruning state has hard BN statistics for unknown layer call '{name}'")
-            for key, value in buffers.items():
-                checks.append((getattr(self.wrappers[name], key), value, f"{name}.{key}"))
         for current, saved, name in checks:
             if tuple(current.shape) != tuple(saved.shape):
                 raise ValueError(f"pruning state entry '{name}' has shape {tuple(saved.shape)}, expected "
                                  f"{tuple(current.shape)}")
+        writes = [(current, saved) for current, saved, _ in checks] + self.hard_norm_writes(state["hard_bn"])
         with torch.no_grad():
-            for current, saved, _ in checks:
+            for current, saved in writes:
                 current.copy_(saved)
         co = self.gate_layout.channel_offsets
         self._orders = [torch.argsort(self.ranks[co[i]:co[i + 1]]) for i in range(len(self.prunable))]

@@ -694,12 +694,10 @@ class STPruner(TwoPathNetwork):
     def pruning_state(self) -> dict:
         """Best architecture, schedule position, generator, remembered batches and hard-path BN statistics
         (the model's own weights are in ``model.state_dict()``)."""
-        hard_bn = {name: {k: v.detach().clone() for k, v in w.state_dict().items() if k.startswith("hard_")}
-                   for name, w in self.wrappers.items() if getattr(w, "hard_running_mean", None) is not None}
         return {"method": "stp", "best": {"widths": list(self.best.widths), "depths": list(self.best.depths)},
                 "best_kd": self.best_kd, "epoch": self.epoch,
                 "steps": self.steps, "phase": self.phase, "generator": self.generator.get_state(),
-                "memory": [[x, y] for x, y in self._memory], "hard_bn": hard_bn,
+                "memory": [[x, y] for x, y in self._memory], "hard_bn": self.hard_norm_state(),
                 "groups": [[g.name, g.channels, d] for g, d in zip(self.prunable, self._step)],
                 "stages": self._stage_table()}
 
@@ -722,13 +720,10 @@ class STPruner(TwoPathNetwork):
                 and len(best.get("depths", ())) == len(self._max_depths)):
             raise ValueError("pruning state has no width + depth architecture of this network (written by an "
                              "older, width-only STP?)")
-        for name in state["hard_bn"]:
-            if name not in self.wrappers:
-                raise ValueError(f"pruning state has hard BN statistics for unknown layer call '{name}'")
+        writes = self.hard_norm_writes(state["hard_bn"])
         with torch.no_grad():
-            for name, buffers in state["hard_bn"].items():
-                for k, v in buffers.items():
-                    getattr(self.wrappers[name], k).copy_(v)
+            for current, saved in writes:
+                current.copy_(saved)
         self.best = Architecture(tuple(int(k) for k in state["best"]["widths"]),
                                  tuple(int(d) for d in state["best"]["depths"]))
         self.best_kd = float(state["best_kd"])
