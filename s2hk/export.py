@@ -248,9 +248,10 @@ def _fetch(module: nn.Module, target: str) -> Any:
     return obj
 
 
-def architecture(net: "TwoPathNetwork", model_name: Optional[str] = None,
-                 model_kwargs: Optional[dict] = None) -> dict:
-    """The JSON-serialisable description of ``net``'s hard network (schema ``s2hk-architecture`` v1)."""
+def architecture(net: "TwoPathNetwork", model_name: Optional[str] = None, model_kwargs: Optional[dict] = None,
+                 exported: Optional[fx.GraphModule] = None) -> dict:
+    """The JSON-serialisable description of ``net``'s hard network (schema ``s2hk-architecture`` v1);
+    ``exported``: its export, when the caller has it (else it is made where skipped blocks need it)."""
     layers: dict[str, dict] = {}
     modules = dict(net.analysis.graph_module.named_modules())
     for node_name, (sel_in, sel_out, spec) in net.named_layer_selections().items():
@@ -271,7 +272,7 @@ def architecture(net: "TwoPathNetwork", model_name: Optional[str] = None,
             "kept_in_channels": in_idx, "kept_out_channels": out_idx,
         }
     if net.skipped_blocks():  # layers of skipped residual blocks are not in the pruned model
-        present = dict(export_hard_network(net).named_modules())
+        present = dict((exported if exported is not None else export_hard_network(net)).named_modules())
         for target, layer in layers.items():
             layer["removed"] = target not in present
     inputs = net.example_inputs if isinstance(net.example_inputs, (tuple, list)) else (net.example_inputs,)
@@ -295,7 +296,7 @@ def save_pruned(net: "TwoPathNetwork", folder: str | Path, model_name: Optional[
     folder.mkdir(parents=True, exist_ok=True)
     exported = net.export()
     torch.save(exported.state_dict(), folder / "model.pt")
-    arch = architecture(net, model_name, model_kwargs)
+    arch = architecture(net, model_name, model_kwargs, exported)
     (folder / "architecture.json").write_text(json.dumps(arch, indent=1))
     return folder
 
