@@ -217,15 +217,111 @@ _UNBIND = {"unbind", torch.unbind}
 _CHUNK = {"chunk", torch.chunk}
 
 
-def trace(model: nn.Module) -> fx.GraphModule:
-    """``torch.fx.symbolic_trace`` with an error that says what to do when the model cannot be traced."""
+def _matches(name: str, patterns: Iterable[str]) -> bool:
+    """Whether the qualified name ``name`` is one of ``patterns`` or lies inside one (``pattern.``...)."""
+    return any(name == p or name.startswith(p + ".") for p in patterns)
+
+
+def autograd_function_of(node: fx.Node) -> Optional[type]:
+    """The custom ``torch.autograd.Function`` a node applies, or None (see :class:`_Tracer`)."""
+    return getattr(node.target, "_s2hk_autograd_function", None) if node.op == "call_function" else None
+
+
+def _apply_target(function: type) -> Any:
+    """A plain function calling ``function.apply``: a graph node's target keeps the function's backward."""
+    target = _APPLY_TARGETS.get(function)
+    if target is None:
+        def target(*args: Any, **kwargs: Any) -> Any:
+            return function.apply(*args, **kwargs)
+
+        target.__name__ = target.__qualname__ = f"{function.__name__}_apply"
+        target._s2hk_autograd_function = function
+        _APPLY_TARGETS[function] = target
+    return target
+
+
+_APPLY_TARGETS: dict[type, Any] = {}
+
+
+def _has_proxy(values: Any) -> bool:
+    found = []
+    fx.node.map_aggregate(values, lambda v: found.append(isinstance(v, fx.Proxy)))
+    return any(found)
+
+
+class _Tracer(fx.Tracer):
+    """``torch.fx`` tracing as s2hk needs it.
+
+    - Modules named in ``leaves`` (the user's ``ignore``) are kept as single calls, so code fx cannot trace
+      can be ignored, as the error advises.
+    - A custom ``torch.autograd.Function`` becomes one node calling its ``apply``: fx would otherwise inline
+      its forward and silently drop its backward (a gradient-reversal layer would train the wrong way).
+    - The module being traced is remembered, so a failure names the layer at fault.
+    """
+
+    def __init__(self, leaves: Sequence[str]) -> None:
+        super().__init__()
+        self.leaves = tuple(leaves)
+        self.entered: list[str] = []  # modules whose forward is being traced, outermost first
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return _matches(qualname, self.leaves) or super().is_leaf_module(m, qualname)
+
+    def call_module(self, m: nn.Module, forward: Any, args: tuple, kwargs: dict) -> Any:
+        self.entered.append(self.path_of_module(m))
+        result = super().call_module(m, forward, args, kwargs)
+        self.entered.pop()  # left in place when tracing fails: the innermost entry is the culprit
+        return result
+
+    def trace(self, root: Any, concrete_args: Any = None) -> fx.Graph:
+        base = torch.autograd.Function
+        original = base.__dict__["apply"]
+        tracer = self
+
+        def apply(function: type, *args: Any, **kwargs: Any) -> Any:
+            if _has_proxy((args, kwargs)):
+                return tracer.create_proxy("call_function", _apply_target(function), args, kwargs)
+            return original.__func__(function, *args, **kwargs)
+
+        base.apply = classmethod(apply)
+        try:
+            return super().trace(root, concrete_args)
+        finally:
+            base.apply = original
+
+
+def trace(model: nn.Module, leaves: Iterable[str] = ()) -> fx.GraphModule:
+    """Trace ``model`` with torch.fx in eval mode; ``leaves`` are module names kept as single calls.
+
+    Tracing runs Python control flow once: a model in train mode would have its train-only branches
+    (``if self.training:``, stochastic depth, functional dropout) frozen into the graph as taken, so the
+    hard path and the export would drop residual branches at random. The trace therefore sees the model as
+    in eval mode (its modules' flags are restored afterwards); dropout and norm *modules* stay leaves and keep
+    following ``.train()`` / ``.eval()`` at run time.
+
+    Raises:
+        UnsupportedModelError: when tracing fails, naming the innermost module being traced and saying
+            how to make it a leaf.
+    """
+    tracer = _Tracer(tuple(leaves))
+    was_training = {m: m.training for m in model.modules()}
+    model.eval()
     try:
-        return fx.symbolic_trace(model)
+        graph = tracer.trace(model)
     except Exception as err:  # fx raises many types; all mean the same thing to the user
+        inner = tracer.entered[-1] if tracer.entered else ""
+        where = f" in module '{inner}'" if inner else ""
+        advice = (f"pass ignore=['{inner}'] to run that module as one dense call (its channels are kept)"
+                  if inner else "keep Python control flow in forward() independent of tensor values, or move "
+                  "the untraceable part into a submodule and pass its name in ignore=[...]")
         raise UnsupportedModelError(
-            f"{type(model).__name__} cannot be traced by torch.fx ({type(err).__name__}: {err}). s2hk follows "
-            "channels through the traced graph: keep Python control flow in forward() independent of tensor "
-            "values, or wrap the untraceable part in a module and pass its name in ignore=[...]") from err
+            f"{type(model).__name__} cannot be traced by torch.fx{where} ({type(err).__name__}: {err}). s2hk "
+            f"follows channels through the traced graph: {advice}") from err
+    finally:
+        for m, flag in was_training.items():
+            m.training = flag
+    name = model.__class__.__name__ if isinstance(model, nn.Module) else model.__name__
+    return fx.GraphModule(tracer.root, graph, name)
 
 
 @dataclass
@@ -272,7 +368,8 @@ def analyze(model: nn.Module, example_inputs: Any, ignore: Iterable[str] = (),
     Raises:
         UnsupportedModelError: listing every layer whose channels cannot be followed, with the reason.
     """
-    gm = trace(model)
+    ignore = tuple(ignore)
+    gm = trace(model, ignore)
     inputs = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     was_training = {m: m.training for m in gm.modules()}
     try:
@@ -500,6 +597,10 @@ class _Analyzer:
         if self.ignored(node):
             self.opaque_node(node, "ignored by the user")
             return
+        function = autograd_function_of(node)
+        if function is not None:
+            raise _Unsupported(f"custom autograd.Function {function.__name__}: s2hk cannot tell how it maps "
+                               "channels, nor give its backward sliced channels")
         if node.op == "call_function" and node.target is operator.getitem and \
                 any(a.name in self.opaque_set for a in node.all_input_nodes):
             self.opaque_node(node, "part of an ignored operation's output")

@@ -1,0 +1,195 @@
+"""s2hk.graph.trace: train-only code, custom autograd Functions, ignored modules as leaves, trace failures."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from s2hk import TwoPathNetwork, UnsupportedModelError
+
+
+class StochasticResidual(nn.Module):
+    """A residual block with the train-only code of modern CNNs: stochastic depth, functional dropout and an
+    ``if self.training:`` branch (here: noise injection)."""
+
+    def __init__(self, width: int, inner: int) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(width, inner, 3, padding=1, bias=False), nn.BatchNorm2d(inner)
+        self.conv2, self.bn2 = nn.Conv2d(inner, width, 3, padding=1, bias=False), nn.BatchNorm2d(width)
+        self.drop = nn.Dropout(0.3)
+
+    def forward(self, x):
+        if self.training and torch.rand(()) < 0.5:  # stochastic depth: the whole branch dropped
+            return x
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = F.dropout(out, 0.3, training=self.training)
+        if self.training:
+            out = out + 0.1 * torch.randn_like(out)
+        return F.relu(x + self.drop(self.bn2(self.conv2(out))))
+
+
+class StochasticNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.bn0 = nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.block1, self.block2 = StochasticResidual(8, 6), StochasticResidual(8, 10)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = self.block2(self.block1(F.relu(self.bn0(self.stem(x)))))
+        return self.fc(F.dropout(x.mean((2, 3)), 0.2, training=self.training))
+
+
+def half_widths(net: TwoPathNetwork) -> dict[str, int]:
+    return {g.name: max(1, g.channels // 2) for g in net.prunable}
+
+
+def test_train_mode_model_is_traced_as_in_eval_mode():
+    torch.manual_seed(0)
+    model = StochasticNet().train()
+    x = torch.randn(3, 3, 10, 10)
+    net = TwoPathNetwork(model, x[:1])
+    assert model.training and all(m.training for m in model.modules()), "the user's train flags are restored"
+    assert net.prunable, "the blocks' inner widths are prunable"
+    net.set_hard_widths(half_widths(net))
+    net.eval()
+    small = net.export().eval()
+    with torch.no_grad():
+        first, second = small(x), small(x)
+        hard = net(x, path="hard")
+        dense = net(x, path="dense")
+        reference = model.eval()(x)
+    torch.testing.assert_close(first, second, rtol=0, atol=0)  # no stochastic op left in the export
+    torch.testing.assert_close(first, hard, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(dense, reference, rtol=1e-5, atol=1e-6)
+
+
+def test_dropout_modules_still_follow_train_and_eval():
+    torch.manual_seed(0)
+    net = TwoPathNetwork(StochasticNet().train(), torch.randn(1, 3, 10, 10))
+    x = torch.randn(4, 3, 10, 10)
+    net.train()
+    with torch.no_grad():
+        assert not torch.equal(net(x, path="soft"), net(x, path="soft")), "nn.Dropout is active in training"
+    net.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(net(x, path="soft"), net(x, path="soft"), rtol=0, atol=0)
+
+
+class GradientReversal(torch.autograd.Function):
+    """Forward: identity; backward: the negated gradient (domain-adversarial training)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return -grad
+
+
+class Reverse(nn.Module):
+    def forward(self, x):
+        return GradientReversal.apply(x)
+
+
+class ReversalNet(nn.Module):
+    """conv -> BN -> ReLU -> gradient reversal -> conv -> BN -> ReLU -> mean -> linear; the reversal is a
+    module (``reverse``) or, with ``functional``, called in this forward."""
+
+    def __init__(self, functional: bool = False) -> None:
+        super().__init__()
+        self.functional = functional
+        self.c1, self.b1 = nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.reverse = Reverse()
+        self.c2, self.b2 = nn.Conv2d(8, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6)
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x):
+        x = F.relu(self.b1(self.c1(x)))
+        x = GradientReversal.apply(x) if self.functional else self.reverse(x)
+        return self.fc(F.relu(self.b2(self.c2(x))).mean((2, 3)))
+
+
+@pytest.mark.parametrize("functional", [False, True], ids=["module", "function"])
+def test_custom_autograd_function_is_refused_naming_the_layer(functional):
+    with pytest.raises(UnsupportedModelError) as err:
+        TwoPathNetwork(ReversalNet(functional), torch.randn(1, 3, 8, 8))
+    message = str(err.value)
+    assert "GradientReversal" in message and "autograd.Function" in message
+    assert ("reverse" in message) if not functional else ("gradient_reversal_apply" in message)
+
+
+@pytest.mark.parametrize("functional", [False, True], ids=["module", "function"])
+def test_ignored_autograd_function_keeps_its_backward(functional):
+    torch.manual_seed(0)
+    model = ReversalNet(functional)
+    ignore = ["gradient_reversal_apply"] if functional else ["reverse"]
+    net = TwoPathNetwork(model, torch.randn(1, 3, 8, 8), ignore=ignore)
+    x = torch.randn(4, 3, 8, 8, dtype=torch.float64)
+    model.double()
+    net.double()
+
+    def first_conv_grad(fn) -> torch.Tensor:
+        model.zero_grad()
+        fn(x).sum().backward()
+        return model.c1.weight.grad.clone()
+
+    expected = first_conv_grad(model)
+    got = first_conv_grad(lambda inp: net(inp, path="dense"))
+    torch.testing.assert_close(got, expected)
+    # the reversal really is in the reference gradient: without it the sign flips
+    plain = ReversalNet(functional).double()
+    plain.load_state_dict(model.state_dict())
+    plain.reverse = nn.Identity()
+    if not functional:
+        plain.zero_grad()
+        plain(x).sum().backward()
+        torch.testing.assert_close(plain.c1.weight.grad, -expected)
+    group = net.group("c1")
+    assert not group.prunable and any("ignored" in reason for reason in group.frozen_reasons)
+
+
+class Untraceable(nn.Module):
+    """Python control flow on a tensor's value: torch.fx cannot trace it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(8, 8, 1)
+
+    def forward(self, x):
+        if x.sum() > 0:
+            return self.conv(x)
+        return x
+
+
+class HasUntraceable(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.body = nn.Sequential(nn.ReLU(), Untraceable())
+        self.c2, self.b2 = nn.Conv2d(8, 12, 3, padding=1, bias=False), nn.BatchNorm2d(12)
+        self.c3 = nn.Conv2d(12, 12, 3, padding=1, bias=False)
+        self.fc = nn.Linear(12, 3)
+
+    def forward(self, x):
+        x = self.body(self.b1(self.c1(x)))
+        x = F.relu(self.b2(self.c2(x)))
+        return self.fc(self.c3(x).mean((2, 3)))
+
+
+def test_trace_failure_names_the_module_and_its_ignore_works():
+    model = HasUntraceable()
+    x = torch.randn(2, 3, 8, 8)
+    with pytest.raises(UnsupportedModelError) as err:
+        TwoPathNetwork(model, x[:1])
+    assert "'body.1'" in str(err.value) and "ignore=['body.1']" in str(err.value)
+    net = TwoPathNetwork(model, x[:1], ignore=["body.1"])
+    assert net.group("c2").prunable and not net.group("c1").prunable
+    net.set_hard_widths(half_widths(net))
+    net.eval()
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(net(x, path="dense"), model(x))
+        torch.testing.assert_close(net.export().eval()(x), net(x, path="hard"), rtol=1e-5, atol=1e-6)
