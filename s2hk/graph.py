@@ -554,6 +554,9 @@ class _Analyzer:
                 self.visit(node)
             except _Unsupported as err:
                 self.errors.append(f"{self.scope(node)}: {err}")
+                # carry on as if it were ignored, so every later unsupported layer is listed in one go
+                self.info.pop(node.name, None)
+                self.opaque_node(node, "unsupported")
         if self.errors:
             listing = "\n  - ".join(self.errors)
             raise UnsupportedModelError(
@@ -709,6 +712,11 @@ class _Analyzer:
     def visit_function(self, node: fx.Node) -> None:
         target = node.target
         is_method = node.op == "call_method"
+        if target is getattr and node.name in self.shapes:  # a tensor attribute, not x.shape
+            if node.args[1] not in ("real", "imag", "data"):
+                raise _Unsupported(f"tensor attribute .{node.args[1]} is not one s2hk knows how to prune through")
+            self.passthrough(node)
+            return
         if (is_method and target in _SHAPE_QUERIES) or target is getattr:
             self.size_values.add(node.name)
             return

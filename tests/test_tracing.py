@@ -193,3 +193,30 @@ def test_trace_failure_names_the_module_and_its_ignore_works():
     with torch.no_grad():
         torch.testing.assert_close(net(x, path="dense"), model(x))
         torch.testing.assert_close(net.export().eval()(x), net(x, path="hard"), rtol=1e-5, atol=1e-6)
+
+
+class ManyUnsupported(nn.Module):
+    """Three operations s2hk cannot follow, one after the other on one path."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.odd1, self.odd2 = nn.Conv2d(8, 8, 1), nn.Conv2d(8, 8, 1)
+        self.c2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = self.c1(x)
+        x = GradientReversal.apply(x)
+        x = self.odd1(x.transpose(1, 3).transpose(1, 3).contiguous())
+        x = torch.fft.fft2(x).real
+        x = GradientReversal.apply(self.c2(x))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_every_unsupported_operation_is_listed_at_once():
+    with pytest.raises(UnsupportedModelError) as err:
+        TwoPathNetwork(ManyUnsupported(), torch.randn(1, 3, 8, 8))
+    listed = [line for line in str(err.value).splitlines() if line.startswith("  - ")]
+    assert len(listed) == 3, str(err.value)
+    assert "gradient_reversal_apply" in listed[0] and "fft2" in listed[1] and "gradient_reversal_apply_1" in listed[2]
