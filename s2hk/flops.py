@@ -25,7 +25,19 @@ from torch.overrides import TorchFunctionMode
 
 from .graph import GraphAnalysis, Layout
 
-__all__ = ["count_macs", "count_flops", "FlopsPolynomial"]
+__all__ = ["count_macs", "count_flops", "FlopsPolynomial", "FLOPS_SCOPES"]
+
+#: What a FLOPs *ratio* counts. "all": every conv, linear and matrix product (the convention above).
+#: "prunable": only the layers whose width can change, without the stem (it reads the model input) and the
+#: classifier (it produces the model output) -- how the S2HPruner authors' regulariser counts, so that a
+#: nominal target matches theirs. Absolute FLOPs are always "all".
+FLOPS_SCOPES = ("all", "prunable")
+
+
+def check_scope(scope: str) -> str:
+    if scope not in FLOPS_SCOPES:
+        raise ValueError(f"flops_scope must be one of {FLOPS_SCOPES}, got {scope!r}")
+    return scope
 
 
 def _prod(values: Sequence[int]) -> int:
@@ -141,6 +153,7 @@ class FlopsPolynomial:
 
     def __init__(self, analysis: GraphAnalysis, model: nn.Module, example_inputs: Any) -> None:
         self.num_groups = len(analysis.groups)
+        groups = analysis.groups
         self.full_widths = [g.channels for g in analysis.groups]
         modules = dict(analysis.graph_module.named_modules())
         self.terms: list[_Term] = []
@@ -161,11 +174,26 @@ class FlopsPolynomial:
                                         node=spec.node))
         for matmul in analysis.matmuls.values():  # attention's QK^T and AV: MACs proportional to the kept heads
             self.terms.append(_Term(matmul.node, matmul.macs_per_position, matmul.layout, None, node=matmul.node))
+        self._in_scope = {"all": [True] * len(self.terms),
+                          "prunable": [self._prunable_term(t, groups) for t in self.terms]}
         self.dense_macs = count_macs(model, example_inputs)
         self.constant_macs = self.dense_macs - self.macs_at(self.full_widths)
         if self.constant_macs < 0:
             raise RuntimeError("FLOPs accounting is inconsistent: the per-layer terms exceed the model's count")
         self._out_matrix, self._in_matrix, self._in_const, self._coef = self._matrices()
+        self._scope_mask = {k: torch.tensor(v, dtype=torch.float64) for k, v in self._in_scope.items()}
+        self._scope_dense_macs = {"all": self.dense_macs,
+                                  "prunable": self.macs_at(self.full_widths, scope="prunable")}
+
+    @staticmethod
+    def _prunable_term(term: _Term, groups: Sequence[Any]) -> bool:
+        """Whether a layer counts under scope "prunable": a width of it can change, and it is neither the
+        stem (reads the model input) nor the classifier (produces the model output)."""
+        out_groups = [groups[s.group] for s in term.out_layout]
+        in_groups = [] if term.in_layout is None else [groups[s.group] for s in term.in_layout]
+        if any(g.from_input for g in in_groups) or any(g.to_output for g in out_groups):
+            return False
+        return any(g.prunable for g in out_groups + in_groups)
 
     def _matrices(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         t, g = len(self.terms), self.num_groups
@@ -188,13 +216,14 @@ class FlopsPolynomial:
     def _width(layout: Layout, widths: Sequence[int]) -> int:
         return sum(seg.repeat * widths[seg.group] for seg in layout)
 
-    def macs_at(self, widths: Sequence[int], *, skipped_nodes: Collection[str] = ()) -> int:
+    def macs_at(self, widths: Sequence[int], *, skipped_nodes: Collection[str] = (), scope: str = "all") -> int:
         """Exact integer MACs of the layers in the terms at integer group widths (all groups), leaving out the
         terms of the layer calls named in ``skipped_nodes`` (fx node names, e.g. the layers of skipped residual
-        blocks, :attr:`s2hk.depth.SkippableBlock.layers`; pass a set for speed)."""
+        blocks, :attr:`s2hk.depth.SkippableBlock.layers`; pass a set for speed) and those outside ``scope``
+        (:data:`FLOPS_SCOPES`)."""
         total = 0
-        for term in self.terms:
-            if term.node in skipped_nodes:
+        for term, in_scope in zip(self.terms, self._in_scope[check_scope(scope)]):
+            if term.node in skipped_nodes or not in_scope:
                 continue
             out_w = self._width(term.out_layout, widths)
             in_w = 1 if term.in_layout is None else self._width(term.in_layout, widths) // term.in_per_group_divisor
@@ -210,10 +239,28 @@ class FlopsPolynomial:
     def dense_flops(self) -> int:
         return 2 * self.dense_macs
 
+    def ratio_at(self, widths: Sequence[int], *, skipped_nodes: Collection[str] = (), scope: str = "all") -> float:
+        """Remaining-FLOPs ratio at integer group widths under ``scope``: the whole network's FLOPs over the
+        dense count ("all"), or the prunable layers' over their dense count ("prunable")."""
+        if check_scope(scope) == "all" or self._scope_dense_macs[scope] == 0:  # nothing in scope: like "all"
+            return self.flops_at(widths, skipped_nodes=skipped_nodes) / self.dense_flops
+        return self.macs_at(widths, skipped_nodes=skipped_nodes, scope=scope) / self._scope_dense_macs[scope]
+
+    def ratio(self, widths: Tensor, scope: str = "all") -> Tensor:
+        """Differentiable remaining-FLOPs ratio for a float64 vector of all groups' widths ``(G,)``; 0-dim."""
+        if check_scope(scope) == "all" or self._scope_dense_macs[scope] == 0:
+            return self(widths) / self.dense_flops
+        return self._varying_macs(widths, self._scope_mask[scope]) / self._scope_dense_macs[scope]
+
     def __call__(self, widths: Tensor) -> Tensor:
         """Differentiable FLOPs for a float64 vector of all groups' widths ``(G,)``; returns a 0-dim tensor."""
+        return 2.0 * (self.constant_macs + self._varying_macs(widths, None))
+
+    def _varying_macs(self, widths: Tensor, mask: Tensor | None) -> Tensor:
         out_m, in_m, in_c, coef = (m.to(widths.device) for m in
                                    (self._out_matrix, self._in_matrix, self._in_const, self._coef))
+        if mask is not None:
+            coef = coef * mask.to(widths.device)
         out_w = out_m @ widths
         in_w = in_m @ widths + in_c
-        return 2.0 * (self.constant_macs + (coef * out_w * in_w).sum())
+        return (coef * out_w * in_w).sum()

@@ -74,6 +74,8 @@ class ChannelGroup:
         members: norm layers and depthwise convs tied to these channels.
         consumers: layers reading these channels as input.
         frozen_reasons: why the group is kept at full width (empty for prunable groups).
+        from_input: the channels are the model input's (a stem reads them).
+        to_output: the channels reach the model output (a classifier produces them).
     """
 
     index: int
@@ -83,6 +85,8 @@ class ChannelGroup:
     members: list[str] = field(default_factory=list)
     consumers: list[str] = field(default_factory=list)
     frozen_reasons: list[str] = field(default_factory=list)
+    from_input: bool = False
+    to_output: bool = False
 
     @property
     def prunable(self) -> bool:
@@ -399,6 +403,7 @@ class _Analyzer:
         self.ignore = ignore
         self.uf = _UnionFind()
         self.frozen: dict[int, list[str]] = {}     # space -> reasons
+        self.boundary: dict[int, set[str]] = {}    # space -> {"input", "output"}: it is the model's input / output
         self.producer_of: dict[int, str] = {}      # space -> producing layer (first)
         self.info: dict[str, _TensorInfo] = {}
         self.layers: dict[str, LayerSpec] = {}
@@ -573,14 +578,16 @@ class _Analyzer:
                        for u in node.users):
                     axis = len(shape) - 1  # tokens (N, L, D) read by a linear layer: channels last
                 space = self.new_space(shape[axis], frozen=f"model input '{node.name}'")
+                self.boundary.setdefault(space, set()).add("input")
                 self.make_info(node, (Segment(space, shape[axis]),), axis)
             return
         if node.op == "output":
-            for arg in self.tensor_args(node):
-                self.freeze(self.info[arg.name].layout, "reaches the model output")
-            for arg in node.all_input_nodes:
-                for info in self.tuple_info.get(arg.name, ()):
-                    self.freeze(info.layout, "reaches the model output")
+            layouts = [self.info[arg.name].layout for arg in self.tensor_args(node)]
+            layouts += [info.layout for arg in node.all_input_nodes for info in self.tuple_info.get(arg.name, ())]
+            for layout in layouts:
+                self.freeze(layout, "reaches the model output")
+                for seg in self.resolve(layout):
+                    self.boundary.setdefault(seg.group, set()).add("output")
             return
         if node.op == "get_attr":
             return
@@ -1109,6 +1116,10 @@ class _Analyzer:
         for space, reasons in self.frozen.items():
             if space in canonical:
                 groups[canonical[space]].frozen_reasons.extend(reasons)
+        for space, sides in self.boundary.items():
+            if space in canonical:
+                g = groups[canonical[space]]
+                g.from_input, g.to_output = g.from_input or "input" in sides, g.to_output or "output" in sides
         if not self.prune_embedding:
             for space, norm in self.layer_norm_spaces.items():
                 if space in canonical:

@@ -340,3 +340,47 @@ def test_grouped_conv_counts_at_full_width(k):
     macs = 16 * 8 * 3 + 16 * 8 * 2 * 9 + 16 * k * 3 * 9 + 4 * (8 + k)
     assert net.flops("hard") == 2 * macs
     assert count_flops(net.export(), x) == 2 * macs
+
+
+# --- scope "prunable": the prunable layers only, stem and classifier excluded ------------------------
+
+
+def test_prunable_scope_by_hand():
+    """ResidualNet (stem 3->6, conv1 6->4, conv2 4->6, fc 6->3 on 5x5 maps), both groups pruned, counted
+    term by term: the residual stream feeds the classifier but is prunable, the stem and fc stay out."""
+    from helpers import ResidualNet
+
+    model = ResidualNet(width=6, inner=4, num_classes=3)
+    x = torch.randn(1, 3, 5, 5)
+    net = TwoPathNetwork(model, x)
+    poly = net.flops_polynomial
+    stream, inner = net.group("stem"), net.group("conv1")
+    assert stream.prunable and inner.prunable and stream.from_input is False
+    widths = net.all_widths()
+    widths[stream.index], widths[inner.index] = 5, 2
+    # under "prunable": conv1 (stream -> inner) and conv2 (inner -> stream); not the stem, not fc
+    by_hand = 25 * 9 * (2 * 5 + 5 * 2)
+    dense = 25 * 9 * (4 * 6 + 6 * 4)
+    assert poly.macs_at(widths, scope="prunable") == by_hand
+    assert poly.ratio_at(widths, scope="prunable") == pytest.approx(by_hand / dense, rel=1e-12)
+    everything = 25 * 9 * (3 * 5 + 2 * 5 + 5 * 2) + 3 * 5
+    assert poly.ratio_at(widths) == pytest.approx(everything / (25 * 9 * (3 * 6 + 48) + 3 * 6), rel=1e-12)
+    w = torch.tensor(widths, dtype=torch.float64, requires_grad=True)
+    ratio = poly.ratio(w, scope="prunable")
+    assert ratio.item() == pytest.approx(by_hand / dense, rel=1e-12)
+    ratio.backward()
+    # d/d(stream) = 25*9*(2 + 2) / dense; d/d(inner) = 25*9*(5 + 5) / dense
+    assert w.grad[stream.index].item() == pytest.approx(25 * 9 * 4 / dense, rel=1e-12)
+    assert w.grad[inner.index].item() == pytest.approx(25 * 9 * 10 / dense, rel=1e-12)
+    with pytest.raises(ValueError, match="flops_scope"):
+        poly.ratio_at(widths, scope="convs")
+
+
+def test_boundary_groups_are_marked():
+    from helpers import TwoConvNet
+
+    net = TwoPathNetwork(TwoConvNet(), torch.randn(1, 3, 6, 6))
+    inputs = [g for g in net.groups if g.from_input]
+    outputs = [g for g in net.groups if g.to_output]
+    assert [g.channels for g in inputs] == [3] and [g.channels for g in outputs] == [5]
+    assert all(not g.prunable for g in inputs + outputs)
