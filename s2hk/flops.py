@@ -1,7 +1,8 @@
 """Exact FLOPs accounting (ALGORITHMS.md §4).
 
 Convention: **FLOPs = 2 x MACs**, counting the multiply-accumulates of every convolution, linear layer and
-matrix product (attention's ``QK^T`` and ``AV`` included, as matmuls or ``scaled_dot_product_attention``),
+matrix product (attention's ``QK^T`` and ``AV`` included, as matmuls, two-operand ``einsum`` or
+``scaled_dot_product_attention``),
 the stem and the classifier included; bias adds, norms, activations and pooling are not counted. Counts are
 for the ``example_inputs`` as given, batch included: pass a batch of one for per-image FLOPs. This agrees with
 ``torch.utils.flop_counter`` on conv/linear/matmul models.
@@ -23,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
-from .graph import GraphAnalysis, Layout
+from .graph import GraphAnalysis, Layout, einsum_macs, einsum_subscripts
 
 __all__ = ["count_macs", "count_flops", "FlopsPolynomial", "FLOPS_SCOPES"]
 
@@ -85,6 +86,14 @@ def _sdpa_macs(args: tuple, kwargs: dict, out: Tensor) -> int:
     return batch * q.shape[-2] * k.shape[-2] * (q.shape[-1] + v.shape[-1])
 
 
+def _einsum_macs(args: tuple, kwargs: dict, out: Tensor) -> int:
+    operands = list(args[1]) if len(args) == 2 and isinstance(args[1], (list, tuple)) else list(args[1:])
+    if len(operands) != 2:  # one operand: a permute or a sum, no multiplies; more: not counted (see docstring)
+        return 0
+    inputs, _ = einsum_subscripts(args[0], [o.dim() for o in operands])
+    return einsum_macs(inputs, [o.shape for o in operands])
+
+
 _MAC_RULES = {
     F.conv1d: _conv_macs, F.conv2d: _conv_macs, F.conv3d: _conv_macs,
     F.conv_transpose1d: _conv_transpose_macs, F.conv_transpose2d: _conv_transpose_macs,
@@ -94,6 +103,7 @@ _MAC_RULES = {
     torch.mm: _mm_macs, Tensor.mm: _mm_macs, torch.bmm: _mm_macs, Tensor.bmm: _mm_macs,
     torch.addmm: _addmm_macs, torch.baddbmm: _addmm_macs, torch.addbmm: _addmm_macs,
     F.scaled_dot_product_attention: _sdpa_macs,
+    torch.einsum: _einsum_macs,
 }
 
 

@@ -758,6 +758,8 @@ class _Analyzer:
             self.visit_matmul(node)
         elif target is F.scaled_dot_product_attention:
             self.visit_attention(node)
+        elif target is torch.einsum:
+            self.visit_einsum(node)
         elif target in _UNBIND:
             self.visit_unbind(node)
         elif target in _CHUNK:
@@ -1043,6 +1045,28 @@ class _Analyzer:
         macs = _numel(shape) * a.shape[-1]
         self.matmuls[node.name] = MatmulSpec(node.name, a.layout, macs // layout_width(a.layout))
 
+    def visit_einsum(self, node: fx.Node) -> None:
+        """``torch.einsum`` of two channel-carrying tensors whose channel letter is the same and survives into
+        the output (a product batched over channels, as attention heads): like :meth:`visit_matmul`."""
+        equation = node.args[0]
+        operands = list(node.args[1]) if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) \
+            else list(node.args[1:])
+        if not isinstance(equation, str) or len(operands) != 2 or \
+                not all(isinstance(o, fx.Node) and o.name in self.info for o in operands):
+            raise _Unsupported("einsum other than a product of two channel-carrying tensors (for a weight, use "
+                               "nn.Linear)")
+        infos = [self.info[o.name] for o in operands]
+        inputs, output = einsum_subscripts(equation, [i.ndim for i in infos])
+        letters = {inputs[0][infos[0].axis], inputs[1][infos[1].axis]}
+        if len(letters) != 1 or next(iter(letters)) not in output or \
+                any(i.parts_axis is not None for i in infos):
+            raise _Unsupported(f"einsum '{equation}' mixes or contracts the channel dimension (only products "
+                               "batched over channels, as attention heads, are supported)")
+        self.unify(infos[0].layout, infos[1].layout, self.scope(node))
+        self.make_info(node, infos[0].layout, output.index(next(iter(letters))))
+        macs = einsum_macs(inputs, [i.shape for i in infos])
+        self.matmuls[node.name] = MatmulSpec(node.name, infos[0].layout, macs // layout_width(infos[0].layout))
+
     def visit_attention(self, node: fx.Node) -> None:
         q, k, v = (node.args[i] if len(node.args) > i else node.kwargs.get(n)
                    for i, n in enumerate(("query", "key", "value")))
@@ -1172,6 +1196,44 @@ class _Analyzer:
 
 class _Unsupported(Exception):
     pass
+
+
+def einsum_subscripts(equation: str, ndims: Sequence[int]) -> tuple[list[str], str]:
+    """The per-operand subscripts and the output subscripts of an einsum ``equation`` for operands of the
+    given ranks, with ``...`` expanded to one digit per broadcast dimension and an implicit output made
+    explicit (the letters used once, in alphabetical order after the broadcast dimensions)."""
+    lhs, arrow, rhs = equation.replace(" ", "").partition("->")
+    parts = lhs.split(",")
+    if len(parts) != len(ndims):
+        raise ValueError(f"einsum '{equation}' names {len(parts)} operands, {len(ndims)} given")
+    broadcast = max((n - len(p.replace("...", "")) for p, n in zip(parts, ndims) if "..." in p), default=0)
+    dots = "".join(str(i) for i in range(broadcast))
+
+    def expand(sub: str, ndim: int) -> str:
+        if "..." not in sub:
+            return sub
+        extra = ndim - len(sub.replace("...", ""))
+        return sub.replace("...", dots[broadcast - extra:])
+
+    inputs = [expand(p, n) for p, n in zip(parts, ndims)]
+    if arrow:
+        output = rhs.replace("...", dots)
+    else:
+        counts: dict[str, int] = {}
+        for letter in "".join(inputs):
+            counts[letter] = counts.get(letter, 0) + 1
+        output = dots + "".join(sorted(c for c, n in counts.items() if n == 1 and not c.isdigit()))
+    return inputs, output
+
+
+def einsum_macs(inputs: Sequence[str], shapes: Sequence[Sequence[int]]) -> int:
+    """Multiply-accumulates of a two-operand einsum: the product of the sizes of every index it names (each
+    output element sums over the contracted indices once)."""
+    sizes: dict[str, int] = {}
+    for sub, shape in zip(inputs, shapes):
+        for letter, size in zip(sub, shape):
+            sizes[letter] = max(sizes.get(letter, 1), int(size))
+    return _numel(sizes.values())
 
 
 def _numel(shape: Sequence[int]) -> int:

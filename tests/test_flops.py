@@ -384,3 +384,53 @@ def test_boundary_groups_are_marked():
     outputs = [g for g in net.groups if g.to_output]
     assert [g.channels for g in inputs] == [3] and [g.channels for g in outputs] == [5]
     assert all(not g.prunable for g in inputs + outputs)
+
+
+# --- einsum -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("equation,shapes", [
+    ("bhqd,bhkd->bhqk", [(2, 3, 5, 4), (2, 3, 6, 4)]),
+    ("bhqk,bhkd->bhqd", [(2, 3, 5, 6), (2, 3, 6, 4)]),
+    ("...qd,...kd->...qk", [(2, 3, 5, 4), (3, 6, 4)]),
+    ("ij,jk", [(4, 5), (5, 7)]),
+])
+def test_einsum_counted_like_flop_counter(equation, shapes):
+    class Net(nn.Module):
+        def forward(self, a, b):
+            return torch.einsum(equation, a, b)
+
+    inputs = tuple(torch.randn(s) for s in shapes)
+    assert count_flops(Net(), inputs) == reference_flops(Net(), inputs) > 0
+
+
+class EinsumAttention(nn.Module):
+    """Multi-head attention written with einsum (heads in dimension 1 of q, k, v)."""
+
+    def __init__(self, dim: int = 12, heads: int = 3) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.head = nn.Linear(dim, 4)
+
+    def forward(self, x):
+        n, t, d = x.shape
+        q, k, v = self.qkv(x).reshape(n, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        attn = torch.einsum("bhqd,bhkd->bhqk", q, k).softmax(-1)
+        out = torch.einsum("bhqk,bhkd->bhqd", attn, v).transpose(1, 2).reshape(n, t, d)
+        return self.head((x + self.proj(out)).mean(1))
+
+
+def test_einsum_attention_prunes_heads_and_counts_exactly():
+    torch.manual_seed(0)
+    x = torch.randn(2, 7, 12)
+    model = EinsumAttention()
+    net = TwoPathNetwork(model, x[:1])
+    heads = [g for g in net.prunable if g.channels == 3]
+    assert len(heads) == 1, net.analysis.report()
+    net.set_hard_widths({heads[0].name: 2})
+    small = net.export().eval()
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), net.eval()(x, path="hard"), rtol=1e-5, atol=1e-6)
+    assert net.flops("hard") == count_flops(small, x[:1]) == reference_flops(small, x[:1])
+    assert net.flops("full") == reference_flops(model, x[:1])
