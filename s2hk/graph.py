@@ -216,6 +216,8 @@ _SQUEEZE = {"squeeze", torch.squeeze}
 _EXPAND = {"expand", "expand_as"}
 _SOFTMAX = {"softmax", "log_softmax", torch.softmax, torch.log_softmax, F.softmax, F.log_softmax}
 _ROLL = {"roll", torch.roll}
+_FUNCTIONAL_NORMS = {F.layer_norm, F.group_norm, F.batch_norm, F.instance_norm, torch.layer_norm,
+                     torch.group_norm}
 _MATMUL = {operator.matmul, torch.matmul, torch.bmm, "matmul", "bmm"}
 _UNBIND = {"unbind", torch.unbind}
 _CHUNK = {"chunk", torch.chunk}
@@ -760,6 +762,8 @@ class _Analyzer:
             self.visit_attention(node)
         elif target is torch.einsum:
             self.visit_einsum(node)
+        elif target in _FUNCTIONAL_NORMS:
+            self.visit_functional_norm(node)
         elif target in _UNBIND:
             self.visit_unbind(node)
         elif target in _CHUNK:
@@ -1044,6 +1048,18 @@ class _Analyzer:
         self.make_info(node, a.layout, len(shape) - from_end)
         macs = _numel(shape) * a.shape[-1]
         self.matmuls[node.name] = MatmulSpec(node.name, a.layout, macs // layout_width(a.layout))
+
+    def visit_functional_norm(self, node: fx.Node) -> None:
+        """``F.layer_norm`` / ``F.group_norm`` / ``F.batch_norm`` called with parameters of the model (a
+        ConvNeXt-style LayerNorm2d): the channels pass through unchanged but run at full width, since the
+        weights are not a layer s2hk can slice."""
+        info = self.tensor_args(node)
+        if not info or node.args[0] is not info[0]:
+            raise _Unsupported("normalisation whose statistics come from the input's channels")
+        inp = self.info[info[0].name]
+        name = getattr(node.target, "__name__", str(node.target))
+        self.freeze(inp.layout, f"{self.scope(node)}: functional {name} runs at full width")
+        self.make_info(node, inp.layout, inp.axis, inp.parts_axis)
 
     def visit_einsum(self, node: fx.Node) -> None:
         """``torch.einsum`` of two channel-carrying tensors whose channel letter is the same and survives into

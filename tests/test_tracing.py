@@ -220,3 +220,46 @@ def test_every_unsupported_operation_is_listed_at_once():
     listed = [line for line in str(err.value).splitlines() if line.startswith("  - ")]
     assert len(listed) == 3, str(err.value)
     assert "gradient_reversal_apply" in listed[0] and "fft2" in listed[1] and "gradient_reversal_apply_1" in listed[2]
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """LayerNorm over the channels of an NCHW tensor, through permutes and F.layer_norm (ConvNeXt's form)."""
+
+    def forward(self, x):
+        x = x.permute(0, 2, 3, 1)
+        x = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        return x.permute(0, 3, 1, 2)
+
+
+class ConvNeXtLike(nn.Module):
+    """stem -> LayerNorm2d -> [depthwise 7x7 -> LayerNorm (channels last) -> MLP x4 -> layer scale] + x."""
+
+    def __init__(self, dim: int = 8) -> None:
+        super().__init__()
+        self.stem, self.norm0 = nn.Conv2d(3, dim, 2, stride=2), LayerNorm2d(dim)
+        self.dw = nn.Conv2d(dim, dim, 7, padding=3, groups=dim)
+        self.norm = nn.LayerNorm(dim)
+        self.fc1, self.fc2 = nn.Linear(dim, 4 * dim), nn.Linear(4 * dim, dim)
+        self.gamma = nn.Parameter(torch.full((dim,), 0.5))
+        self.head = nn.Linear(dim, 3)
+
+    def forward(self, x):
+        x = self.norm0(self.stem(x))
+        y = self.norm(self.dw(x).permute(0, 2, 3, 1))
+        y = self.gamma * self.fc2(F.gelu(self.fc1(y)))
+        x = x + y.permute(0, 3, 1, 2)
+        return self.head(x.mean((2, 3)))
+
+
+def test_functional_layer_norm_over_channels_runs_dense_and_the_mlp_prunes():
+    torch.manual_seed(0)
+    model = ConvNeXtLike()
+    x = torch.randn(2, 3, 12, 12)
+    net = TwoPathNetwork(model, x[:1])
+    assert [g.name for g in net.prunable] == ["fc1"], net.analysis.report()
+    assert any("layer_norm" in r for r in net.group("stem").frozen_reasons)
+    net.set_hard_widths({"fc1": 13})
+    net.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(net(x, path="dense"), model.eval()(x))
+        torch.testing.assert_close(net.export().eval()(x), net(x, path="hard"), rtol=1e-5, atol=1e-6)
