@@ -59,6 +59,21 @@ def check_runnable(*tensors: Optional[torch.Tensor]) -> torch.device:
     return device
 
 
+def autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
+    """The dtype ``torch.autocast`` runs convolutions and matmuls in on ``device``'s type, or None where it
+    is off there."""
+    return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+
+
+def autocast_operands(dtype: Optional[torch.dtype], *tensors: torch.Tensor) -> List[torch.Tensor]:
+    """The operands of a GEMM-like op as autocast casts them for ``dtype`` (None: autocast off, unchanged):
+    float32 / float16 / bfloat16 tensors in ``dtype`` (a differentiable cast, so an fp32 weight's gradient
+    comes back to it in fp32), float64 left alone as autocast leaves it."""
+    if dtype is None:
+        return list(tensors)
+    return [t.to(dtype) if t.is_floating_point() and t.dtype != torch.float64 else t for t in tensors]
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """``tl.dot`` input precision that matches what torch would use for a matmul in ``dtype``."""
     if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:

@@ -453,6 +453,10 @@ def bn_gate_act(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[
             (the hard path). residual: like x or None. activation: "relu" | "hardswish" | "identity".
     Returns:
         y, same shape, dtype and memory format as x (fp32 arithmetic inside).
+
+    Under ``torch.autocast`` nothing is cast, as autocast leaves ``F.batch_norm``: x may be bf16 (a convolution's
+    autocast output) while the parameters and running statistics stay fp32; statistics are computed and kept
+    in fp32, y has x's dtype and every gradient its input's dtype.
     """
     return BnGateActFunction.apply(x, weight, bias, running_mean, running_var, gate, residual, activation,
                                    momentum, eps, training)

@@ -29,8 +29,9 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._common import (INTERPRETED, WIDEN_DOT_OPERANDS, AotVariant, KeptSet, check_runnable, config_variants,
-                      configs, dot_precision, kept_count, kept_index, mma, sm_count)
+from ._common import (INTERPRETED, WIDEN_DOT_OPERANDS, AotVariant, KeptSet, autocast_dtype, autocast_operands,
+                      check_runnable, config_variants, configs, dot_precision, kept_count, kept_index, mma,
+                      sm_count)
 
 __all__ = ["dual_conv", "dual_conv_reference", "dual_conv_forward", "dual_conv_backward", "DualConvFunction"]
 
@@ -267,7 +268,8 @@ def dual_conv_backward(dy_soft: Optional[torch.Tensor], dy_hard: Optional[torch.
                        preact: Optional[torch.Tensor], kept_out: Optional[KeptSet], stride: IntPair,
                        padding: IntPair, dilation: IntPair, needs: Tuple[bool, bool, bool, bool]
                        ) -> List[Optional[torch.Tensor]]:
-    """Gradients ``[dx, dweight, dbias, dgate]``, None where not needed.
+    """Gradients ``[dx, dweight, dbias, dgate]``, None where not needed; dbias in fp32 (the bias's own dtype
+    is the caller's: it need not be the weight's).
 
     Args:
         dy_soft: (N, C_out, Ho, Wo) or None (zero). dy_hard: (N, N_h, Ho, Wo) or None. preact: z, needed for
@@ -286,8 +288,7 @@ def dual_conv_backward(dy_soft: Optional[torch.Tensor], dy_hard: Optional[torch.
     dw = torch.nn.grad.conv2d_weight(x, weight.shape, dz, **conv) if need_dw else None
     if dgate is None and needs[3] and gate is not None:
         dgate = torch.zeros_like(gate, dtype=torch.float32)  # no soft gradient: the gate did not matter
-    return [dx, dw, db.to(weight.dtype) if db is not None else None,
-            dgate.to(gate.dtype) if dgate is not None else None]
+    return [dx, dw, db, dgate.to(gate.dtype) if dgate is not None else None]
 
 
 class DualConvFunction(torch.autograd.Function):
@@ -302,6 +303,7 @@ class DualConvFunction(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         ctx.conv = (stride, padding, dilation)
         ctx.has_bias = bias is not None
+        ctx.bias_dtype = bias.dtype if bias is not None else None
         ctx.prefix = kept_out if not isinstance(kept_out, torch.Tensor) else None
         index = [kept_out] if isinstance(kept_out, torch.Tensor) else []
         ctx.save_for_backward(x, weight, gate, z, *index)
@@ -313,6 +315,8 @@ class DualConvFunction(torch.autograd.Function):
         kept = index[0] if index else ctx.prefix
         grads = dual_conv_backward(dy_soft, dy_hard, x, weight, ctx.has_bias, gate, z, kept, *ctx.conv,
                                    needs=tuple(ctx.needs_input_grad[:4]))
+        if grads[2] is not None:
+            grads[2] = grads[2].to(ctx.bias_dtype)
         return (*grads, None, None, None, None)
 
 
@@ -330,10 +334,15 @@ def dual_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor
     Returns:
         y_soft = conv(x, W, b) * gate (N, C_out, Ho, Wo) and y_hard = conv(x, W, b)[:, kept_out]
         (N, N_h, Ho, Wo), channels_last memory, input dtype (fp32 accumulation).
+
+    Under ``torch.autocast`` on the input's device it computes as autocast runs ``F.conv2d``: x and weight
+    cast to the autocast dtype (the weight's gradient returns through the cast in its own dtype), outputs in
+    that dtype. Bias and gate stay as given: the kernels read them in fp32 either way.
     """
     if not weight_grad:
         weight = weight.detach()
         bias = bias.detach() if bias is not None else None
+    x, weight = autocast_operands(autocast_dtype(x.device), x, weight)
     return DualConvFunction.apply(x, weight, bias, gate, kept_out, stride, padding, dilation)
 
 

@@ -36,8 +36,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (WIDEN_DOT_OPERANDS, AotVariant, KeptSet, check_runnable, config_variants,
-                      configs, dot_precision, kept_count, kept_index, mma)
+from ._common import (WIDEN_DOT_OPERANDS, AotVariant, KeptSet, autocast_dtype, autocast_operands, check_runnable,
+                      config_variants, configs, dot_precision, kept_count, kept_index, mma)
 
 __all__ = ["dual_linear", "dual_linear_reference", "dual_linear_forward", "dual_linear_backward",
            "DualLinearFunction"]
@@ -481,10 +481,15 @@ def dual_linear(x_soft: torch.Tensor, x_hard: torch.Tensor, weight: torch.Tensor
     Returns:
         y_soft (..., N) = (x_soft W^T + b) * gate,  y_hard (..., N_h) = x_hard W[kept_out][:, kept_in]^T
         + b[kept_out]; same dtype as the inputs (fp32 accumulation).
+
+    Under ``torch.autocast`` on the inputs' device it computes as autocast runs ``F.linear``: x_soft, x_hard
+    and weight cast to the autocast dtype (the weight's gradient returns through the cast in its own dtype),
+    outputs in that dtype. Bias and gate stay as given: the kernels read them in fp32 either way.
     """
     if not weight_grad:
         weight = weight.detach()
         bias = bias.detach() if bias is not None else None
+    x_soft, x_hard, weight = autocast_operands(autocast_dtype(x_soft.device), x_soft, x_hard, weight)
     N, K = weight.shape
     lead_s, lead_h = x_soft.shape[:-1], x_hard.shape[:-1]
     y_soft, y_hard = DualLinearFunction.apply(x_soft.reshape(math.prod(lead_s), x_soft.shape[-1]),
