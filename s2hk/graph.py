@@ -554,8 +554,9 @@ class _Analyzer:
             meta = node.meta.get("tensor_meta")
             if meta is not None and hasattr(meta, "shape"):
                 self.shapes[node.name] = tuple(meta.shape)
-            elif isinstance(meta, (tuple, list)) and meta and all(hasattr(m, "shape") for m in meta):
-                self.tuple_shapes[node.name] = [tuple(m.shape) for m in meta]
+            elif isinstance(meta, (tuple, list)) and meta and all(hasattr(m, "shape") or m is None for m in meta) \
+                    and any(m is not None for m in meta):  # None: an element that is no tensor
+                self.tuple_shapes[node.name] = [None if m is None else tuple(m.shape) for m in meta]
         for node in self.gm.graph.nodes:
             try:
                 self.visit(node)
@@ -585,7 +586,8 @@ class _Analyzer:
             return
         if node.op == "output":
             layouts = [self.info[arg.name].layout for arg in self.tensor_args(node)]
-            layouts += [info.layout for arg in node.all_input_nodes for info in self.tuple_info.get(arg.name, ())]
+            layouts += [info.layout for arg in node.all_input_nodes for info in self.tuple_info.get(arg.name, ())
+                        if info is not None]
             for layout in layouts:
                 self.freeze(layout, "reaches the model output")
                 for seg in self.resolve(layout):
@@ -614,6 +616,7 @@ class _Analyzer:
             raise _Unsupported(f"custom autograd.Function {function.__name__}: s2hk cannot tell how it maps "
                                "channels, nor give its backward sliced channels")
         if node.op == "call_function" and node.target is operator.getitem and \
+                node.args[0].name not in self.tuple_info and \
                 any(a.name in self.opaque_set for a in node.all_input_nodes):
             self.opaque_node(node, "part of an ignored operation's output")
             return
@@ -628,20 +631,33 @@ class _Analyzer:
             self.freeze(self.info[arg.name].layout, where)
         for arg in node.all_input_nodes:
             for info in self.tuple_info.get(arg.name, ()):
-                self.freeze(info.layout, where)
+                if info is not None:
+                    self.freeze(info.layout, where)
+        inputs = [self.info[a.name] for a in self.tensor_args(node)]
         shape = self.shapes.get(node.name)
-        if shape is not None and len(shape) >= 2:
-            axis = 1 if len(shape) >= 3 else len(shape) - 1
-            inputs = [self.info[a.name] for a in self.tensor_args(node)]
-            same_rank = [i for i in inputs if i.ndim == len(shape)]
-            if same_rank:  # channels stay in the dimension they had (tokens keep them last)
-                axis = same_rank[0].axis
-            elif any(i.axis == i.ndim - 1 for i in inputs):
-                axis = len(shape) - 1
-            space = self.new_space(shape[axis], frozen=where)
-            self.make_info(node, (Segment(space, shape[axis]),), axis)
+        if shape is not None:
+            info = self.opaque_info(shape, inputs, where)
+            if info is not None:
+                self.info[node.name] = info
+        elif node.name in self.tuple_shapes:  # (attention output, weights): each element on its own
+            self.tuple_info[node.name] = [None if s is None else self.opaque_info(s, inputs, where)
+                                          for s in self.tuple_shapes[node.name]]
         self.opaque.append(node.name)
         self.opaque_set.add(node.name)
+
+    def opaque_info(self, shape: tuple, inputs: list[_TensorInfo], where: str) -> Optional[_TensorInfo]:
+        """New frozen channels for a tensor that an opaque operation outputs: in the dimension its input's
+        channels had (tokens keep them last), else dimension 1."""
+        if len(shape) < 2:
+            return None
+        axis = 1 if len(shape) >= 3 else len(shape) - 1
+        same_rank = [i for i in inputs if i.ndim == len(shape)]
+        if same_rank:
+            axis = same_rank[0].axis
+        elif any(i.axis == i.ndim - 1 for i in inputs):
+            axis = len(shape) - 1
+        space = self.new_space(shape[axis], frozen=where)
+        return _TensorInfo((Segment(space, shape[axis]),), axis, len(shape), shape)
 
     def single_input(self, node: fx.Node) -> _TensorInfo:
         args = self.tensor_args(node)
@@ -676,6 +692,8 @@ class _Analyzer:
                 raise _Unsupported("norm layer over flattened channels")
             self.layers[node.name] = LayerSpec(node.name, name, "norm", layout, layout)
             self.make_info(node, layout, inp.axis)
+        elif isinstance(module, nn.MultiheadAttention):
+            self.opaque_node(node, "nn.MultiheadAttention runs at full width (its heads are not pruned)")
         elif isinstance(module, (nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)):
             self.opaque_node(node, f"{type(module).__name__} runs at full width")
         elif isinstance(module, nn.PReLU) and module.num_parameters > 1:
@@ -794,7 +812,8 @@ class _Analyzer:
         source, index = node.args[0], node.args[1]
         if source.name in self.tuple_info:
             element = self.tuple_info[source.name][index]
-            self.make_info(node, element.layout, element.axis, element.parts_axis)
+            if element is not None:  # None: no tensor, or one without a channel dimension
+                self.make_info(node, element.layout, element.axis, element.parts_axis)
             return
         info = self.info[source.name]
         items = index if isinstance(index, tuple) else (index,)

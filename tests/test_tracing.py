@@ -263,3 +263,46 @@ def test_functional_layer_norm_over_channels_runs_dense_and_the_mlp_prunes():
     with torch.no_grad():
         torch.testing.assert_close(net(x, path="dense"), model.eval()(x))
         torch.testing.assert_close(net.export().eval()(x), net(x, path="hard"), rtol=1e-5, atol=1e-6)
+
+
+class EncoderBlock(nn.Module):
+    """A pre-norm transformer block around nn.MultiheadAttention (torchvision's ViT form)."""
+
+    def __init__(self, dim: int = 12, heads: int = 3, batch_first: bool = True) -> None:
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attn = nn.MultiheadAttention(dim, heads, batch_first=batch_first)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+
+    def forward(self, x):
+        y = self.ln1(x)
+        y, _ = self.attn(y, y, y, need_weights=False)
+        x = x + y
+        return x + self.mlp(self.ln2(x))
+
+
+class MHAViT(nn.Module):
+    def __init__(self, batch_first: bool = True) -> None:
+        super().__init__()
+        self.batch_first = batch_first
+        self.embed = nn.Linear(6, 12)
+        self.blocks = nn.Sequential(EncoderBlock(batch_first=batch_first), EncoderBlock(batch_first=batch_first))
+        self.head = nn.Linear(12, 4)
+
+    def forward(self, tokens):
+        x = self.blocks(self.embed(tokens))
+        return self.head(x.mean(1 if self.batch_first else 0))
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_multihead_attention_runs_dense_and_the_mlps_prune(batch_first):
+    torch.manual_seed(0)
+    model = MHAViT(batch_first)
+    x = torch.randn(2, 5, 6) if batch_first else torch.randn(5, 2, 6)
+    net = TwoPathNetwork(model, x)
+    assert sorted(g.name for g in net.prunable) == ["blocks.0.mlp.0", "blocks.1.mlp.0"], net.analysis.report()
+    net.set_hard_widths({"blocks.0.mlp.0": 20, "blocks.1.mlp.0": 9})
+    net.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(net(x, path="dense"), model.eval()(x))
+        torch.testing.assert_close(net.export().eval()(x), net(x, path="hard"), rtol=1e-5, atol=1e-6)
