@@ -4,6 +4,10 @@ With the PyTorch implementations every layer's ``dual`` is the soft and the hard
 ``forward``, so outputs, gradients and running statistics must be bit-identical to ``run("soft")`` and
 ``run("hard")``. Under Triton (its CPU interpreter when there is no GPU) the stem conv and the linear head run
 the fused dual-path kernels and match within float32 tolerance.
+
+The bit-for-bit comparisons run on CPU tensors on every machine: on a GPU, cuDNN may choose backward algorithms
+that are not deterministic from one run to the next. The Triton comparisons run on CUDA tensors where there is a
+GPU.
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ from s2hk.layers import GatedConv, GatedLinear, GatedNorm
 from helpers import randomise_norms
 
 NUM_CLASSES = 5
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 pytestmark = pytest.mark.usefixtures("full_float32", "clean_env")
@@ -231,13 +236,16 @@ def test_copies_rebuild_their_own_dual_graph():
 
 # ----------------------------------------------------------------------------------------- train_step
 
-def _train(name: str, fused: bool, steps: int = 5, impl: str = "auto", **overrides):
+def _train(name: str, fused: bool, steps: int = 5, impl: str = "auto", device: torch.device = torch.device("cpu"),
+           **overrides):
+    """``steps`` S2HPruner steps from the same start and batches (drawn on the CPU, then moved to ``device``)."""
     torch.manual_seed(0)
     model = make_model(name)
     x0 = torch.randn(INPUT[name])
+    model, x0 = randomise_norms(model).to(device), x0.to(device)
     settings = dict(target_flops=0.4, mask_lr=5.0, fused_paths=fused)
     settings.update(overrides)
-    pruner = S2HPruner(randomise_norms(model), x0[:1], **settings)
+    pruner = S2HPruner(model, x0[:1], **settings)
     opt = torch.optim.SGD(pruner.weight_parameters(), lr=0.05, momentum=0.9)
     gen = torch.Generator().manual_seed(11)
     history = []
@@ -246,7 +254,7 @@ def _train(name: str, fused: bool, steps: int = 5, impl: str = "auto", **overrid
         for _ in range(steps):
             x = torch.randn(INPUT[name], generator=gen)
             y = torch.randint(0, NUM_CLASSES, (x.shape[0],), generator=gen)
-            history.append(pruner.train_step(x, y, opt))
+            history.append(pruner.train_step(x.to(device), y.to(device), opt))
     return pruner, history
 
 
@@ -308,10 +316,12 @@ def kernel_calls(monkeypatch):
     return counts
 
 
-def _kernels_run_here() -> bool:
+def _skip_without_kernels() -> None:
     from s2hk import kernels
 
-    return kernels.unavailable(torch.device("cpu")) is None or torch.cuda.is_available()
+    reason = kernels.unavailable(DEVICE)
+    if reason is not None:
+        pytest.skip(f"Triton kernels cannot run on {DEVICE.type} tensors here: {reason}")
 
 
 @pytest.mark.parametrize("widths", ["prefix", "gathered"])
@@ -319,18 +329,16 @@ def _kernels_run_here() -> bool:
                                       ("small_gated_stem", None)])
 def test_triton_dual_kernels_match_reference(kernel_calls, widths, name, ops):
     """Every op on Triton (the norms too), or only the dual-path ops; the stem gated by the conv itself."""
-    if not _kernels_run_here():
-        pytest.skip("Triton kernels cannot run here")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    _skip_without_kernels()
     net_a, x = build(name)
     stem = net_a.analysis.layers["stem"]
     assert stem.gate == (name == "small_gated_stem")
     pin(net_a, widths)
-    net_a.to(device)
-    x = x.to(device)
+    net_a.to(DEVICE)
+    x = x.to(DEVICE)
     net_b = copy.deepcopy(net_a)
     gen = torch.Generator().manual_seed(7)
-    g_soft, g_hard = (torch.randn(2, NUM_CLASSES, generator=gen).to(device) for _ in range(2))
+    g_soft, g_hard = (torch.randn(2, NUM_CLASSES, generator=gen).to(DEVICE) for _ in range(2))
 
     soft_a, hard_a = separate(net_a, x)
     (mask_a,) = torch.autograd.grad(soft_a, net_a.mask_logits, g_soft, retain_graph=True)
@@ -361,10 +369,9 @@ def test_auto_never_takes_the_dual_kernels_on_cpu(kernel_calls):
 
 
 def test_fused_train_step_on_triton_kernels_matches_reference(kernel_calls):
-    if not _kernels_run_here() or torch.cuda.is_available():
-        pytest.skip("runs on CPU tensors under Triton's interpreter")
-    _, hist_a = _train("small", False, steps=2)
-    _, hist_b = _train("small", True, steps=2, impl="triton")
+    _skip_without_kernels()
+    _, hist_a = _train("small", False, steps=2, device=DEVICE)
+    _, hist_b = _train("small", True, steps=2, impl="triton", device=DEVICE)
     assert kernel_calls == {"dual_conv": 2, "dual_linear": 4}
     for a, b in zip(hist_a, hist_b):
         assert a.keys() == b.keys()

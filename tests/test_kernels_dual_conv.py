@@ -12,6 +12,11 @@ from test_kernels_common import (DEVICE, compare_all, gradients, make_kept,  # n
 from s2hk.kernels import dual_conv as dc  # noqa: E402
 
 
+# fp32 cases compare against float64 at fp32 tolerances: on a GPU the backward's cuDNN convolutions and the
+# forward's tl.dot must not use TF32 (cuDNN's default)
+pytestmark = pytest.mark.usefixtures("full_float32")
+
+
 def run_case(n, c_in, h, w, c_out, kernel, kept_spec, stride=1, padding=0, dilation=1, bias=True, gate=True,
              dtype=torch.float32, weight_grad=True, use="both", channels_last=False):
     kh, kw = (kernel, kernel) if isinstance(kernel, int) else kernel

@@ -12,6 +12,10 @@ from test_kernels_common import (DEVICE, compare_all, gradients, kept_len, make_
 from s2hk.kernels import dual_linear as dl  # noqa: E402
 
 
+# fp32 cases compare against float64 at fp32 tolerances: on a GPU tl.dot must not use TF32
+pytestmark = pytest.mark.usefixtures("full_float32")
+
+
 def run_case(M: int, M_h: int, N: int, K: int, kin_spec: str, kout_spec: str, bias: bool, gate: bool,
              dtype: torch.dtype, weight_grad: bool = True, use: str = "both", lead: tuple = ()):
     kin, kout = make_kept(kin_spec, K), make_kept(kout_spec, N)
