@@ -150,10 +150,21 @@ def _mib(n: Optional[int]) -> Optional[float]:
     return None if n is None else n / 2 ** 20
 
 
+def _ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
+    return None if a is None or not b else a / b
+
+
+def _error(err: BaseException) -> dict:
+    return {"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc(limit=8)}
+
+
 def run_workload(ctx: Context, model_name: str, image_size: int, batch_size: int, stop_at: float) -> dict:
-    """Measure one (model, image size, batch); the unpinned phase stops at ``stop_at`` (monotonic seconds)."""
+    """Measure one (model, image size, batch); the unpinned phase stops at ``stop_at`` (monotonic seconds).
+
+    A step kind that fails (building it, its first call, its memory or launch count, the unpinned phase) is
+    recorded under ``errors`` and left out; the others are still measured, and figures needing it are None."""
     from s2hk.benchmarking import (count_launches, dense_step, device_name, input_grad_backward, narrow_step,
-                                   peak_memory, pinned_models, s2hk_step, time_interleaved_samples)
+                                   peak_memory, pinned_models, s2hk_step, time_interleaved_samples, time_once)
     from s2hk.models import get_model
 
     from naive_two_pass import NaiveS2HPruner
@@ -163,6 +174,7 @@ def run_workload(ctx: Context, model_name: str, image_size: int, batch_size: int
     stem = "cifar" if image_size <= 64 else "imagenet"
     num_classes = 10 if image_size <= 64 else 1000
     kwargs = {"stem": stem} if model_name != "resnet56" and model_name.startswith("resnet") else {}
+    errors: dict[str, dict] = {}
 
     def build() -> torch.nn.Module:
         model = get_model(model_name, num_classes=num_classes, **kwargs).to(device).to(memory_format=cl)
@@ -174,63 +186,82 @@ def run_workload(ctx: Context, model_name: str, image_size: int, batch_size: int
     y = torch.randint(0, num_classes, (batch_size,), generator=gen).to(device)
     m = pinned_models(build, x[:1], ctx.target)
     narrow = m.narrow.to(memory_format=cl)
-    naive_model = build()
-    naive_model.load_state_dict(m.dense.state_dict())
-    naive = NaiveS2HPruner(naive_model, x[:1], target_flops=ctx.target)
-    naive.set_hard_widths(m.widths)
     r, flops = m.hard_flops_ratio, float(m.dense_flops)
-
-    naive_opt = _sgd(naive.weight_parameters())
-
-    def naive_step() -> None:
-        naive.train_step(x, y, naive_opt)
-
     fns = {"s2hk": ctx.wrap(s2hk_step(m.pruner, x, y, _sgd(m.pruner.weight_parameters()))),
            "dense": ctx.wrap(dense_step(m.dense, x, y, _sgd(m.dense.parameters()))),
            "narrow": ctx.wrap(narrow_step(narrow, x, y, _sgd(narrow.parameters()))),
-           "input_grad": ctx.wrap(input_grad_backward(m.dense, x)),
-           "naive": ctx.wrap(naive_step)}
+           "input_grad": ctx.wrap(input_grad_backward(m.dense, x))}
+    try:
+        naive_model = build()
+        naive_model.load_state_dict(m.dense.state_dict())
+        naive = NaiveS2HPruner(naive_model, x[:1], target_flops=ctx.target)
+        naive.set_hard_widths(m.widths)
+        naive_opt = _sgd(naive.weight_parameters())
+        fns["naive"] = ctx.wrap(lambda: naive.train_step(x, y, naive_opt))
+    except Exception as err:
+        errors["naive"] = _error(err)
+    for name in list(fns):  # one call each first: a kind that fails is left out of the timing
+        try:
+            time_once(fns[name])
+        except Exception as err:
+            errors[name] = _error(err)
+            del fns[name]
     samples = time_interleaved_samples(fns, repeats=ctx.repeats, warmup=ctx.warmup)
-    med = {k: statistics.median(v) for k, v in samples.items()}
-    floor = med["dense"] + med["narrow"] + med["input_grad"]
-    pinned_mean = statistics.fmean(samples["s2hk"])
+    med: dict[str, Optional[float]] = {k: None for k in ("s2hk", "dense", "narrow", "input_grad", "naive")}
+    med.update({k: statistics.median(v) for k, v in samples.items()})
+    parts = [med["dense"], med["narrow"], med["input_grad"]]
+    floor = None if None in parts else sum(parts)
+    pinned_mean = statistics.fmean(samples["s2hk"]) if "s2hk" in samples else None
 
     # peak memory of each step above what it found allocated; launches of one step (after the timed ones)
-    memory = {name: _mib(peak_memory(fn, device)) for name, fn in fns.items()}
+    memory: dict[str, Optional[float]] = {}
+    for name, fn in fns.items():
+        try:
+            memory[name] = _mib(peak_memory(fn, device))
+        except Exception as err:
+            memory[name] = None
+            errors[f"peak_memory_{name}"] = _error(err)
     launches: dict[str, Any] = {}
     if ctx.launches:
         for name in ("s2hk", "dense", "narrow", "input_grad"):
             try:
                 launches[name] = count_launches(fns[name], device)
-            except Exception as err:  # a profiler without CUDA activity (no CUPTI): say so, keep measuring
+            except Exception as err:  # a profiler without CUDA activity (no CUPTI), or a failed kind
                 launches[name] = {"error": f"{type(err).__name__}: {err}"}
         launches["floor"] = _sum_counts([launches[k] for k in ("dense", "narrow", "input_grad")])
         launches["note"] = "input_grad counts its forward too (the closure runs one, untimed)"
-    del naive, naive_model, naive_opt, fns
+    fns.clear()
+    naive = naive_model = naive_opt = None  # noqa: F841  (free the two-pass model before the unpinned phase)
     if ctx.cuda:
         torch.cuda.empty_cache()
 
-    unpinned = run_unpinned(ctx, build, x, y, flops, stop_at)
+    try:
+        unpinned = run_unpinned(ctx, build, x, y, flops, stop_at)
+    except Exception as err:
+        errors["unpinned"] = _error(err)
+        unpinned = {"steps_requested": ctx.unpinned_steps, "steps_done": 0, "mean_s": None, "median_s": None,
+                    "images_per_s": None, "tflops": None, "seconds_per_work": None, "error": errors["unpinned"]["error"]}
+        if ctx.cuda:
+            torch.cuda.empty_cache()
 
     work = {"s2hk": (4 + 3 * r) * flops * batch_size, "naive": (4 + 3 * r) * flops * batch_size,
             "dense": 3 * flops * batch_size, "narrow": 3 * r * flops * batch_size}
-
-    images = {k: batch_size / med[k] for k in ("dense", "narrow", "s2hk", "naive")}
+    images = {k: _ratio(batch_size, med[k]) for k in ("dense", "narrow", "s2hk", "naive")}
     tflops = {k: ctx.tflops(w, med[k]) for k, w in work.items()}
     images["s2hk_unpinned"] = unpinned["images_per_s"]
     tflops["s2hk_unpinned"] = unpinned["tflops"]
     percent = {k: ctx.percent(v) for k, v in tflops.items()}
     target = pinned_target(device, model_name, image_size)
-    checks = [check("s2hk_pinned_over_floor", med["s2hk"] / floor, target,
+    per_work = None if pinned_mean is None else pinned_mean / work["s2hk"]
+    checks = [check("s2hk_pinned_over_floor", _ratio(med["s2hk"], floor), target,
                     f"{DESIGN}: s2hk step (pinned, median) within {target:.2f} x floor = dense + narrow + "
                     f"input-gradient-only backward on {'GPU' if ctx.cuda else 'CPU'}"),
-              check("s2hk_unpinned_mean_over_pinned_mean",
-                    None if unpinned["mean_s"] is None else unpinned["mean_s"] / pinned_mean, UNPINNED_OVER_PINNED,
+              check("s2hk_unpinned_mean_over_pinned_mean", _ratio(unpinned["mean_s"], pinned_mean),
+                    UNPINNED_OVER_PINNED,
                     f"{DESIGN} / first GPU run: widths moving (real training) cost at most "
                     f"{UNPINNED_OVER_PINNED:.2f} x the pinned step, mean over the unpinned steps"),
-              check("s2hk_unpinned_over_pinned_per_work",
-                    None if unpinned["seconds_per_work"] is None
-                    else unpinned["seconds_per_work"] / (pinned_mean / work["s2hk"]), UNPINNED_OVER_PINNED,
+              check("s2hk_unpinned_over_pinned_per_work", _ratio(unpinned["seconds_per_work"], per_work),
+                    UNPINNED_OVER_PINNED,
                     "the same, per unit of the performance model's work (4 + 3r) F: the unpinned steps start at "
                     "full width (r = 1), so this separates re-autotuning and plan changes from the wider hard path")]
     return {
@@ -251,14 +282,14 @@ def run_workload(ctx: Context, model_name: str, image_size: int, batch_size: int
         "s2hk_images_per_s": images["s2hk"], "dense_images_per_s": images["dense"],
         "s2hk_tflops": tflops["s2hk"], "dense_tflops": tflops["dense"],
         "s2hk_percent_of_peak": percent["s2hk"], "dense_percent_of_peak": percent["dense"],
-        "s2hk_over_dense": med["s2hk"] / med["dense"], "floor_over_dense": floor / med["dense"],
-        "s2hk_over_floor": med["s2hk"] / floor, "narrow_over_dense": med["narrow"] / med["dense"],
-        "naive_over_dense": med["naive"] / med["dense"], "speedup_over_naive": med["naive"] / med["s2hk"],
+        "s2hk_over_dense": _ratio(med["s2hk"], med["dense"]), "floor_over_dense": _ratio(floor, med["dense"]),
+        "s2hk_over_floor": _ratio(med["s2hk"], floor), "narrow_over_dense": _ratio(med["narrow"], med["dense"]),
+        "naive_over_dense": _ratio(med["naive"], med["dense"]), "speedup_over_naive": _ratio(med["naive"], med["s2hk"]),
         "flops_ideal_over_dense": (4 + 3 * r) / 3,
         "unpinned_mean_over_pinned_mean": checks[1]["measured"],
         "unpinned_over_pinned_per_work": checks[2]["measured"],
         "pinned_target_over_floor": target, "meets_target": checks[0]["met"],
-        "checks": checks, "elapsed_s": time.monotonic() - began,
+        "checks": checks, "errors": errors, "elapsed_s": time.monotonic() - began,
     }
 
 
@@ -307,6 +338,7 @@ def run_unpinned(ctx: Context, build: Callable[[], torch.nn.Module], x: torch.Te
         "step_s": times, "median_s": stats["median"], "mean_s": stats["mean"], "min_s": stats["min"],
         "max_s": stats["max"],
         "mean_after_first_s": statistics.fmean(times[1:]) if len(times) > 1 else None,
+        "mean_last_half_s": statistics.fmean(times[len(times) // 2:]) if times else None,
         "hard_flops_ratio_per_step": ratios, "distinct_hard_architectures": len(set(widths)),
         "images_per_s": batch * len(times) / total_time if total_time else None,
         "tflops": ctx.tflops(total_work, total_time), "seconds_per_work": seconds_per_work,
@@ -371,18 +403,22 @@ def write(path: Optional[Path], out: dict) -> None:
 
 
 def line(res: dict) -> str:
-    def fmt(v: Optional[float], spec: str = ".2f") -> str:
-        return "-" if v is None else format(v, spec)
+    """One workload in one line; "-" for what was not measured."""
+    def fmt(v: Optional[float], spec: str = ".2f", scale: float = 1.0) -> str:
+        return "-" if v is None else format(scale * v, spec)
 
     u = res["unpinned"]
-    return (f"{res['model']} {res['image_size']}px batch {res['batch_size']} r={res['hard_flops_ratio']:.3f}: "
-            f"dense {1e3 * res['dense_step_s']:.1f} ms, floor {1e3 * res['floor_s']:.1f} ms, "
-            f"s2hk pinned {1e3 * res['s2hk_step_s']:.1f} ms ({res['s2hk_over_floor']:.2f} x floor, target "
-            f"{res['pinned_target_over_floor']:.2f}), unpinned mean {fmt(u['mean_s'] and 1e3 * u['mean_s'], '.1f')} "
-            f"ms / median {fmt(u['median_s'] and 1e3 * u['median_s'], '.1f')} ms over {u['steps_done']} steps "
+    text = (f"{res['model']} {res['image_size']}px batch {res['batch_size']} r={res['hard_flops_ratio']:.3f}: "
+            f"dense {fmt(res['dense_step_s'], '.1f', 1e3)} ms, floor {fmt(res['floor_s'], '.1f', 1e3)} ms, "
+            f"s2hk pinned {fmt(res['s2hk_step_s'], '.1f', 1e3)} ms ({fmt(res['s2hk_over_floor'])} x floor, target "
+            f"{res['pinned_target_over_floor']:.2f}), unpinned mean {fmt(u['mean_s'], '.1f', 1e3)} ms / median "
+            f"{fmt(u['median_s'], '.1f', 1e3)} ms over {u['steps_done']} steps "
             f"({fmt(res['unpinned_mean_over_pinned_mean'])} x pinned mean, target {UNPINNED_OVER_PINNED:.2f}), "
-            f"two-pass {1e3 * res['naive_step_s']:.1f} ms; s2hk {res['s2hk_images_per_s']:.0f} img/s, "
+            f"two-pass {fmt(res['naive_step_s'], '.1f', 1e3)} ms; s2hk {fmt(res['s2hk_images_per_s'], '.0f')} img/s, "
             f"{fmt(res['s2hk_tflops'], '.3g')} TFLOP/s ({fmt(res['s2hk_percent_of_peak'], '.1f')}% of peak)")
+    if res.get("errors"):
+        text += "; FAILED: " + ", ".join(f"{k} ({v['error'][:120]})" for k, v in res["errors"].items())
+    return text
 
 
 def main(argv=None) -> int:
@@ -435,6 +471,8 @@ def main(argv=None) -> int:
         try:
             res = run_workload(ctx, model, size, batch, stop_at)
             out["results"].append(res)
+            out["errors"] += [{"model": model, "image_size": size, "batch_size": batch, "part": part, **err}
+                              for part, err in res["errors"].items()]
             print(line(res), flush=True)
         except Exception as err:
             out["errors"].append({"model": model, "image_size": size, "batch_size": batch,

@@ -121,6 +121,25 @@ def test_e2e_deadline_skips_workloads_and_still_writes(tmp_path):
     assert data["skipped"][0]["model"] == "resnet56" and "deadline" in data["skipped"][0]["reason"]
 
 
+def test_e2e_a_failing_step_kind_is_recorded_and_the_rest_measured(tmp_path, monkeypatch):
+    import naive_two_pass
+
+    def broken(self, x, y, optimizer):
+        raise RuntimeError("two-pass step broke")
+
+    monkeypatch.setattr(naive_two_pass.NaiveS2HPruner, "train_step", broken)
+    out = tmp_path / "e2e.json"
+    argv = [*SMOKE, "--warmup", "0", "--unpinned-steps", "1", "--no-launches", "--json", str(out)]
+    assert gpu_e2e.main(argv) == 1
+    data = json.loads(out.read_text())
+    (res,) = data["results"]
+    assert "two-pass step broke" in res["errors"]["naive"]["error"] and set(res["errors"]) == {"naive"}
+    assert data["errors"][0]["part"] == "naive" and not data["complete"]
+    assert res["naive_step_s"] is None and res["speedup_over_naive"] is None and "naive" not in res["samples_s"]
+    assert res["s2hk_over_floor"] == pytest.approx(res["s2hk_step_s"] / res["floor_s"])
+    assert res["unpinned"]["steps_done"] == 1
+
+
 # ------------------------------------------------------------------------------------------ gpu_check.py
 JUNIT = """<?xml version="1.0" encoding="utf-8"?><testsuites name="pytest tests"><testsuite name="pytest" errors="2"
 failures="2" skipped="1" tests="7" time="3.0"><testcase classname="tests.test_gpu_scripts" name="test_ok" time="2.5"/>
