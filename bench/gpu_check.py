@@ -174,8 +174,8 @@ def probe(timeout: float = 120) -> dict:
     info["cores"] = os.cpu_count()
     info["platform"] = platform.platform()
     info["host"] = platform.node()
-    info["nvcc"] = _first_line([shutil.which("nvcc") or "nvcc", "--version"], last=True)
-    info["driver"] = _first_line(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"])
+    info["nvcc"] = _output_line(["nvcc", "--version"], "release")
+    info["driver"] = _output_line(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"])
     info["plugins"] = {m: has_module(m) for m in ("pytest", "xdist", "pytest_timeout", "pytest_benchmark")}
     if info.get("cuda_available"):
         info["device"] = info["device_name"]
@@ -185,17 +185,16 @@ def probe(timeout: float = 120) -> dict:
     return info
 
 
-def _first_line(cmd: list[str], last: bool = False) -> Optional[str]:
+def _output_line(cmd: list[str], containing: str = "") -> Optional[str]:
+    """The first non-empty line of ``cmd``'s output containing ``containing``; None if it cannot run."""
     if shutil.which(cmd[0]) is None:
         return None
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.TimeoutExpired):
         return None
-    lines = [ln.strip() for ln in proc.stdout.splitlines() if ln.strip()]
-    if not lines:
-        return None
-    return lines[-1] if last else lines[0]
+    lines = [ln.strip() for ln in proc.stdout.splitlines() if ln.strip() and containing in ln]
+    return lines[0] if lines else None
 
 
 # ================================================================================================ build

@@ -108,7 +108,7 @@ def _split(values: Optional[list[str]], kind: Callable = str) -> Optional[list]:
 class Context:
     """The run's settings: device, precision, memory format, timing rounds, deadline."""
 
-    def __init__(self, args: argparse.Namespace, peak_tflops: Optional[float]) -> None:
+    def __init__(self, args: argparse.Namespace, peak_tflops: Optional[float], start: float) -> None:
         self.device = args.device
         self.cuda = args.device == "cuda"
         self.bf16 = args.precision == "bf16"
@@ -118,7 +118,7 @@ class Context:
         self.target = args.target_flops
         self.peak_tflops = peak_tflops
         self.launches = not args.no_launches
-        self.start = time.monotonic()
+        self.start = start
         self.deadline = None if args.deadline_s is None else self.start + args.deadline_s
         self.min_workload_s = args.min_workload_s
 
@@ -371,7 +371,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
     parser.add_argument("--no-launches", action="store_true", help="skip the profiler's launch counts")
     parser.add_argument("--deadline-s", type=float, default=None,
-                        help="seconds from start after which no workload starts; the JSON holds what was measured")
+                        help="seconds from the script's start after which no workload starts; the JSON holds what "
+                             "was measured")
     parser.add_argument("--min-workload-s", type=float, default=None,
                         help="do not start a workload with less than this left before the deadline "
                              "(default: 30 cuda, 5 cpu)")
@@ -422,6 +423,7 @@ def line(res: dict) -> str:
 
 
 def main(argv=None) -> int:
+    start = time.monotonic()  # --deadline-s counts from here, the peak measurement included
     args = parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         print("bench/gpu_e2e.py --device cuda needs a CUDA device, but torch.cuda.is_available() is False here "
@@ -441,7 +443,7 @@ def main(argv=None) -> int:
               f"(n={peak['n']})", flush=True)
     else:
         peak = {"tflops": None, "n": None, "note": "not measured on cpu: percent of peak is reported on CUDA only"}
-    ctx = Context(args, peak["tflops"])
+    ctx = Context(args, peak["tflops"], start)
     out: dict = {
         "script": "bench/gpu_e2e.py", "date_utc": utc_now(), "device": args.device,
         "device_name": device_name(args.device), "versions": versions(), "machine": machine_description(),
