@@ -100,11 +100,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> decoupled_kd_cuda(const at::Tenso
   const at::Tensor soft = soft_in.contiguous(), hard = hard_in.contiguous();
   at::Tensor losses = at::empty({2}, soft.options());
   at::Tensor grad_hard = at::empty_like(hard), grad_soft = at::empty_like(soft);
-  at::Tensor row_scratch = at::empty({soft.size(0)}, soft.options());  // float rows for float32, double for float64
+  at::Tensor row_kl = at::empty({soft.size(0)}, soft.options().dtype(at::kDouble));
   check_launch(s2hk_decoupled_kd_cuda(launcher_dtype(soft.scalar_type()), soft.const_data_ptr(), hard.const_data_ptr(),
                                       soft.size(0), soft.size(1), temperature, alpha, losses.mutable_data_ptr(),
                                       grad_hard.mutable_data_ptr(), grad_soft.mutable_data_ptr(),
-                                      row_scratch.mutable_data_ptr(), current_cuda_stream()),
+                                      row_kl.mutable_data_ptr<double>(), current_cuda_stream()),
                "decoupled_kd");
   return {losses, grad_hard, grad_soft};
 }

@@ -38,13 +38,13 @@ const char* s2hk_gates_backward_cuda(int dtype, const void* grad_keep_probs, con
                                      const int64_t* layout, int64_t num_groups, double tau, void* grad_logits,
                                      double* channel_scratch, double* choice_scratch, void* stream);
 
-// decoupled KD, one warp per row of the (N, K) soft and hard logits (contiguous): the batch-mean KL terms
-// losses[0] = losses[1] = alpha * KL(softmax(s/T) || softmax(h/T)) (dtype, 2 elements) and the routed gradients
-// grad_hard = dG_h/dh, grad_soft = dG_s/ds (dtype, N x K). `row_scratch` holds N elements of the accumulation
-// type (float for float32, double for float64). dtype: S2HK_FLOAT32 or S2HK_FLOAT64.
+// decoupled KD, one warp per row of the (N, K) soft and hard logits (contiguous, N >= 1, K >= 1): the batch-mean
+// KL terms losses[0] = losses[1] = alpha * KL(softmax(s/T) || softmax(h/T)) (dtype, 2 elements) and the routed
+// gradients grad_hard = dG_h/dh, grad_soft = dG_s/ds (dtype, N x K), computed in double for either dtype.
+// `row_kl` holds N doubles. dtype: S2HK_FLOAT32 or S2HK_FLOAT64.
 const char* s2hk_decoupled_kd_cuda(int dtype, const void* soft, const void* hard, int64_t rows, int64_t classes,
                                    double temperature, double alpha, void* losses, void* grad_hard,
-                                   void* grad_soft, void* row_scratch, void* stream);
+                                   void* grad_soft, double* row_kl, void* stream);
 
 // Columns of the int64 tables of group_importance (rows of S2HK_IMPORTANCE_COLUMNS).
 enum s2hk_importance_column {
