@@ -22,6 +22,13 @@ namespace {
 constexpr int kNormWarpsPerBlock = 8;
 constexpr int kNormThreads = kNormWarpsPerBlock * kWarpSize;
 constexpr int kRankThreads = 256;
+// Both kernels stride over their work, so no grid dimension needs more blocks than this (y takes no more).
+constexpr int64_t kMaxGridBlocks = 65535;
+
+inline unsigned grid_blocks(int64_t items, int64_t per_block) {
+  const int64_t blocks = (items + per_block - 1) / per_block;
+  return static_cast<unsigned>(blocks < kMaxGridBlocks ? blocks : kMaxGridBlocks);
+}
 
 __device__ __forceinline__ double load_abs(const void* data, int64_t dtype, int64_t i) {
   switch (dtype) {
@@ -48,23 +55,26 @@ __global__ void
 mean_filter_l1_kernel(const int64_t* __restrict__ layers, const int64_t* __restrict__ groups, int64_t num_groups,
                       int64_t total_channels, Out* __restrict__ importance) {
   const int lane = threadIdx.x % kWarpSize;
-  const int64_t channel = static_cast<int64_t>(blockIdx.x) * kNormWarpsPerBlock + threadIdx.x / kWarpSize;
-  if (channel >= total_channels) return;
-  const int64_t* grp = groups + find_group(groups, num_groups, channel) * S2HK_IMPORTANCE_COLUMNS;
-  const int64_t local = channel - grp[S2HK_GROUP_CHANNEL_OFFSET];
-  const int64_t first_layer = grp[S2HK_GROUP_FIRST_LAYER], num_layers = grp[S2HK_GROUP_NUM_LAYERS];
+  const int64_t channel_stride = static_cast<int64_t>(gridDim.x) * kNormWarpsPerBlock;
+  // One warp per channel; whole warps leave the loop together, so no shuffle loses a partner.
+  for (int64_t channel = static_cast<int64_t>(blockIdx.x) * kNormWarpsPerBlock + threadIdx.x / kWarpSize;
+       channel < total_channels; channel += channel_stride) {
+    const int64_t* grp = groups + find_group(groups, num_groups, channel) * S2HK_IMPORTANCE_COLUMNS;
+    const int64_t local = channel - grp[S2HK_GROUP_CHANNEL_OFFSET];
+    const int64_t first_layer = grp[S2HK_GROUP_FIRST_LAYER], num_layers = grp[S2HK_GROUP_NUM_LAYERS];
 
-  double norm_sum = 0.0;  // sum over layers of each filter's L1 norm; the lanes stride over every filter
-  for (int64_t l = first_layer; l < first_layer + num_layers; ++l) {
-    const int64_t* layer = layers + l * S2HK_IMPORTANCE_COLUMNS;
-    const void* data = reinterpret_cast<const void*>(layer[S2HK_LAYER_DATA]);
-    const int64_t filter_numel = layer[S2HK_LAYER_FILTER_NUMEL], dtype = layer[S2HK_LAYER_DTYPE];
-    for (int64_t i = lane; i < filter_numel; i += kWarpSize) {
-      norm_sum += load_abs(data, dtype, local * filter_numel + i);
+    double norm_sum = 0.0;  // sum over layers of each filter's L1 norm; the lanes stride over every filter
+    for (int64_t l = first_layer; l < first_layer + num_layers; ++l) {
+      const int64_t* layer = layers + l * S2HK_IMPORTANCE_COLUMNS;
+      const void* data = reinterpret_cast<const void*>(layer[S2HK_LAYER_DATA]);
+      const int64_t filter_numel = layer[S2HK_LAYER_FILTER_NUMEL], dtype = layer[S2HK_LAYER_DTYPE];
+      for (int64_t i = lane; i < filter_numel; i += kWarpSize) {
+        norm_sum += load_abs(data, dtype, local * filter_numel + i);
+      }
     }
+    norm_sum = warp_sum(norm_sum);
+    if (lane == 0) importance[channel] = static_cast<Out>(norm_sum / static_cast<double>(num_layers));
   }
-  norm_sum = warp_sum(norm_sum);
-  if (lane == 0) importance[channel] = static_cast<Out>(norm_sum / static_cast<double>(num_layers));
 }
 
 // Whether score a (channel i) sorts before score b (channel j): larger first, NaN largest, ties by index.
@@ -75,32 +85,38 @@ __device__ __forceinline__ bool sorts_before(Out a, int64_t i, Out b, int64_t j)
   return a > b || (a == b && i < j);
 }
 
-// grid (channel tiles, groups): each thread ranks one channel against its group's tiles staged in shared memory.
+// grid (channel tiles, groups), striding over both: each thread ranks one channel against its group's tiles
+// staged in shared memory. The loop bounds are the same for the whole block, so no barrier is skipped by part of
+// it. The comparisons are a strict total order (ties by index), so each rank is in [0, channels) and each slot
+// of order is written once.
 template <typename Out>
 __global__ void
-importance_ranks_kernel(const int64_t* __restrict__ groups, const Out* __restrict__ importance,
+importance_ranks_kernel(const int64_t* __restrict__ groups, int64_t num_groups, const Out* __restrict__ importance,
                         int64_t* __restrict__ order, int64_t* __restrict__ ranks) {
   __shared__ Out tile[kRankThreads];
-  const int64_t* grp = groups + static_cast<int64_t>(blockIdx.y) * S2HK_IMPORTANCE_COLUMNS;
-  const int64_t offset = grp[S2HK_GROUP_CHANNEL_OFFSET], channels = grp[S2HK_GROUP_CHANNELS];
-  const int64_t tile_start = static_cast<int64_t>(blockIdx.x) * kRankThreads;
-  if (tile_start >= channels) return;  // uniform over the block: no barrier below is skipped by part of it
-  const int64_t c = tile_start + threadIdx.x;
-  const Out mine = c < channels ? importance[offset + c] : Out(0);
-
-  int64_t rank = 0;
-  for (int64_t base = 0; base < channels; base += kRankThreads) {
-    __syncthreads();  // the previous tile is no longer read
-    if (base + threadIdx.x < channels) tile[threadIdx.x] = importance[offset + base + threadIdx.x];
-    __syncthreads();
-    const int64_t n = min(static_cast<int64_t>(kRankThreads), channels - base);
-    if (c < channels) {
-      for (int64_t i = 0; i < n; ++i) rank += sorts_before(tile[i], base + i, mine, c);
+  const int64_t tile_stride = static_cast<int64_t>(gridDim.x) * kRankThreads;
+  for (int64_t g = blockIdx.y; g < num_groups; g += gridDim.y) {
+    const int64_t* grp = groups + g * S2HK_IMPORTANCE_COLUMNS;
+    const int64_t offset = grp[S2HK_GROUP_CHANNEL_OFFSET], channels = grp[S2HK_GROUP_CHANNELS];
+    for (int64_t tile_start = static_cast<int64_t>(blockIdx.x) * kRankThreads; tile_start < channels;
+         tile_start += tile_stride) {
+      const int64_t c = tile_start + threadIdx.x;
+      const Out mine = c < channels ? importance[offset + c] : Out(0);
+      int64_t rank = 0;
+      for (int64_t base = 0; base < channels; base += kRankThreads) {
+        __syncthreads();  // the tile before, of this pass or an earlier one, is no longer read
+        if (base + threadIdx.x < channels) tile[threadIdx.x] = importance[offset + base + threadIdx.x];
+        __syncthreads();
+        const int64_t n = min(static_cast<int64_t>(kRankThreads), channels - base);
+        if (c < channels) {
+          for (int64_t i = 0; i < n; ++i) rank += sorts_before(tile[i], base + i, mine, c);
+        }
+      }
+      if (c < channels) {
+        ranks[offset + c] = rank;
+        order[offset + rank] = c;
+      }
     }
-  }
-  if (c < channels) {
-    ranks[offset + c] = rank;
-    order[offset + rank] = c;
   }
 }
 
@@ -109,11 +125,10 @@ const char* launch_group_importance(const int64_t* layers, const int64_t* groups
                                     int64_t total_channels, int64_t max_channels, void* importance, int64_t* order,
                                     int64_t* ranks, cudaStream_t stream) {
   Out* imp = static_cast<Out*>(importance);
-  const unsigned norm_blocks = static_cast<unsigned>((total_channels + kNormWarpsPerBlock - 1) / kNormWarpsPerBlock);
-  mean_filter_l1_kernel<Out><<<norm_blocks, kNormThreads, 0, stream>>>(layers, groups, num_groups, total_channels, imp);
-  const dim3 rank_grid(static_cast<unsigned>((max_channels + kRankThreads - 1) / kRankThreads),
-                       static_cast<unsigned>(num_groups));
-  importance_ranks_kernel<Out><<<rank_grid, kRankThreads, 0, stream>>>(groups, imp, order, ranks);
+  mean_filter_l1_kernel<Out><<<grid_blocks(total_channels, kNormWarpsPerBlock), kNormThreads, 0, stream>>>(
+      layers, groups, num_groups, total_channels, imp);
+  const dim3 rank_grid(grid_blocks(max_channels, kRankThreads), grid_blocks(num_groups, 1));
+  importance_ranks_kernel<Out><<<rank_grid, kRankThreads, 0, stream>>>(groups, num_groups, imp, order, ranks);
   const cudaError_t err = cudaGetLastError();
   return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
 }
