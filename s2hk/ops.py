@@ -55,7 +55,8 @@ _LAYOUT_TABLES: dict = {}
 def gate_layout_tensor(layout: GateLayout, device: torch.device) -> Tensor:
     """The ``(G, 4)`` int64 table the ``s2hk::gates`` ops read: channel offset, logit offset, ``C_g``, ``d_g``.
 
-    Cached per layout and device, so that a training step sends it to the device once, not every step.
+    Cached per layout and device, so that a training step sends it to the device once, not every step. The ops
+    take the table on the logits' device and its CPU copy, which they validate without reading the device.
     """
     key = (layout, torch.device(device))
     table = _LAYOUT_TABLES.get(key)
@@ -98,7 +99,8 @@ def gates(logits: Tensor, ranks: Tensor, layout: GateLayout, tau: float = 1.0) -
     """
     if dispatch.choose("gates", logits.device, ("cpp",)) == "cpp":
         table = gate_layout_tensor(layout, logits.device)
-        return Gates(*torch.ops.s2hk.gates(logits, ranks, table, float(tau)))
+        host_table = gate_layout_tensor(layout, torch.device("cpu"))
+        return Gates(*torch.ops.s2hk.gates(logits, ranks, table, host_table, float(tau)))
     return gates_reference(logits, ranks, layout, tau)
 
 
@@ -252,27 +254,28 @@ def _register_extension_ops() -> None:
     lib = torch.library
 
     @lib.register_fake("s2hk::gates")
-    def _gates_fake(logits: Tensor, ranks: Tensor, layout: Tensor, tau: float):
+    def _gates_fake(logits: Tensor, ranks: Tensor, layout: Tensor, host_layout: Tensor, tau: float):
         num_groups = layout.shape[0]
         widths = logits.new_empty((num_groups,), dtype=torch.float64)
         return (logits.new_empty(ranks.shape), widths, torch.empty_like(widths),
                 logits.new_empty(ranks.shape, dtype=torch.float32))
 
     @lib.register_fake("s2hk::gates_backward")
-    def _gates_backward_fake(grad_keep_probs, grad_hard_widths, grad_expected, logits, ranks, layout, tau):
+    def _gates_backward_fake(grad_keep_probs, grad_hard_widths, grad_expected, logits, ranks, layout, host_layout,
+                             tau):
         return torch.empty_like(logits)
 
     def _gates_setup_context(ctx, inputs, output) -> None:
-        logits, ranks, layout, tau = inputs
-        ctx.save_for_backward(logits, ranks, layout)
+        logits, ranks, layout, host_layout, tau = inputs
+        ctx.save_for_backward(logits, ranks, layout, host_layout)
         ctx.tau = tau
         ctx.mark_non_differentiable(output[3])
 
     def _gates_backward(ctx, grad_keep_probs, grad_hard_widths, grad_expected, grad_mask):
-        logits, ranks, layout = ctx.saved_tensors
+        logits, ranks, layout, host_layout = ctx.saved_tensors
         grad_logits = torch.ops.s2hk.gates_backward(grad_keep_probs, grad_hard_widths, grad_expected, logits, ranks,
-                                                    layout, ctx.tau)
-        return grad_logits, None, None, None
+                                                    layout, host_layout, ctx.tau)
+        return grad_logits, None, None, None, None
 
     lib.register_autograd("s2hk::gates", _gates_backward, setup_context=_gates_setup_context)
 

@@ -23,17 +23,6 @@
 namespace s2hk {
 namespace {
 
-void check_kd_inputs(const at::Tensor& soft, const at::Tensor& hard, double temperature) {
-  TORCH_CHECK(soft.dim() == 2 && soft.sizes() == hard.sizes(), "s2hk::decoupled_kd: soft and hard logits must be ",
-              "(N, K) of one shape, got ", soft.sizes(), " and ", hard.sizes());
-  TORCH_CHECK(soft.size(0) >= 1 && soft.size(1) >= 1, "s2hk::decoupled_kd: needs N >= 1 rows and K >= 1 classes");
-  TORCH_CHECK(is_float32_or_64(soft) && hard.scalar_type() == soft.scalar_type(),
-              "s2hk::decoupled_kd: logits must both be float32 or both float64, got ", soft.scalar_type(), " and ",
-              hard.scalar_type());
-  TORCH_CHECK(temperature > 0.0, "s2hk::decoupled_kd: temperature must be positive, got ", temperature);
-  check_same_device(soft, hard, "decoupled_kd", "soft", "hard");
-}
-
 // log-sum-exp of x / T over one row, in double.
 template <typename T>
 double row_log_sum_exp(const T* x, int64_t classes, double temperature) {
@@ -80,8 +69,8 @@ void decoupled_kd_cpu_kernel(const T* soft, const T* hard, int64_t rows, int64_t
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> decoupled_kd_cpu(const at::Tensor& soft_in, const at::Tensor& hard_in,
                                                                 double temperature, double alpha) {
-  check_kd_inputs(soft_in, hard_in, temperature);
-  const at::Tensor soft = soft_in.contiguous(), hard = hard_in.contiguous();
+  const KdInputs in = validate_decoupled_kd(soft_in, hard_in, temperature, alpha);
+  const at::Tensor &soft = in.soft, &hard = in.hard;
   at::Tensor losses = at::empty({2}, soft.options());
   at::Tensor grad_hard = at::empty_like(hard), grad_soft = at::empty_like(soft);
   AT_DISPATCH_FLOATING_TYPES(soft.scalar_type(), "s2hk::decoupled_kd", [&] {
@@ -95,9 +84,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> decoupled_kd_cpu(const at::Tensor
 #ifdef S2HK_WITH_CUDA
 std::tuple<at::Tensor, at::Tensor, at::Tensor> decoupled_kd_cuda(const at::Tensor& soft_in, const at::Tensor& hard_in,
                                                                  double temperature, double alpha) {
-  check_kd_inputs(soft_in, hard_in, temperature);
-  const c10::cuda::CUDAGuard guard(soft_in.device());
-  const at::Tensor soft = soft_in.contiguous(), hard = hard_in.contiguous();
+  const KdInputs in = validate_decoupled_kd(soft_in, hard_in, temperature, alpha);
+  const at::Tensor &soft = in.soft, &hard = in.hard;
+  const c10::cuda::CUDAGuard guard(soft.device());
   at::Tensor losses = at::empty({2}, soft.options());
   at::Tensor grad_hard = at::empty_like(hard), grad_soft = at::empty_like(soft);
   at::Tensor row_kl = at::empty({soft.size(0)}, soft.options().dtype(at::kDouble));

@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <tuple>
 #include <vector>
 
 #include "common.h"
@@ -25,62 +26,25 @@ static constexpr double kWidthRoundingSlack = 1e-6;
 namespace s2hk {
 namespace {
 
-constexpr int64_t kLayoutColumns = 4;  // channel offset, logit offset, channels, granularity
-
-struct GateGroup {
-  int64_t channel_offset, logit_offset, channels, granularity;
-
-  int64_t choices() const { return channels / granularity; }
-  double width(int64_t choice) const { return static_cast<double>(granularity * (choice + 1)); }
-};
-
-GateGroup gate_group(const int64_t* layout, int64_t g) {
-  const int64_t* row = layout + g * kLayoutColumns;
-  return {row[0], row[1], row[2], row[3]};
-}
-
-void check_gate_tensors(const at::Tensor& logits, const at::Tensor& ranks, const at::Tensor& layout,
-                        const char* op) {
-  TORCH_CHECK(logits.dim() == 1, "s2hk::", op, ": logits must be the flat (sum L_g,) buffer, got shape ",
-              logits.sizes());
-  TORCH_CHECK(is_float32_or_64(logits), "s2hk::", op, ": logits must be float32 or float64, got ",
-              logits.scalar_type());
-  TORCH_CHECK(ranks.dim() == 1 && ranks.scalar_type() == at::kLong, "s2hk::", op,
-              ": ranks must be the flat int64 (sum C_g,) buffer, got ", ranks.scalar_type(), " ", ranks.sizes());
-  TORCH_CHECK(layout.dim() == 2 && layout.size(1) == kLayoutColumns && layout.scalar_type() == at::kLong, "s2hk::",
-              op, ": layout must be int64 (G, 4) rows of [channel offset, logit offset, channels, granularity]");
-  check_same_device(logits, ranks, op, "logits", "ranks");
-  check_same_device(logits, layout, op, "logits", "layout");
-}
-
-// A CPU layout is read for free: check that it tiles the flat buffers and that each group's ranks are a
-// permutation of 0..C-1 (the CUDA kernels assume both; their callers build the layout from a GateLayout).
-void check_gate_layout_cpu(const int64_t* layout, int64_t num_groups, int64_t num_logits, const int64_t* ranks,
-                           int64_t num_channels, const char* op) {
-  int64_t channel_offset = 0, logit_offset = 0;
+// The CPU reads its tables for free, so it also checks what validate_gates leaves to the CUDA kernels: that the
+// layout it computes with is the validated host_layout, and that each group's ranks are a permutation of 0..C-1.
+void check_gate_tables_cpu(const GateInputs& in, const char* op) {
+  const int64_t* layout = in.layout.const_data_ptr<int64_t>();
+  const int64_t* host_layout = in.host_layout.const_data_ptr<int64_t>();
+  TORCH_CHECK(std::equal(layout, layout + in.num_groups * kGateLayoutColumns, host_layout), "s2hk::", op,
+              ": layout differs from its copy host_layout");
+  const int64_t* ranks = in.ranks.const_data_ptr<int64_t>();
   std::vector<char> seen;
-  for (int64_t g = 0; g < num_groups; ++g) {
-    const GateGroup grp = gate_group(layout, g);
-    TORCH_CHECK(grp.channels >= 1 && grp.granularity >= 1 && grp.channels % grp.granularity == 0, "s2hk::", op,
-                ": group ", g, ": granularity ", grp.granularity, " must be a positive divisor of its ",
-                grp.channels, " channels");
-    TORCH_CHECK(grp.channel_offset == channel_offset && grp.logit_offset == logit_offset, "s2hk::", op,
-                ": group ", g, ": offsets (", grp.channel_offset, ", ", grp.logit_offset,
-                ") do not follow the previous groups (", channel_offset, ", ", logit_offset, ")");
-    channel_offset += grp.channels;
-    logit_offset += grp.choices();
-    if (ranks == nullptr || channel_offset > num_channels) continue;
+  for (int64_t g = 0; g < in.num_groups; ++g) {
+    const GateGroup grp = gate_group(host_layout, g);
     seen.assign(grp.channels, 0);
     for (int64_t c = 0; c < grp.channels; ++c) {
       const int64_t r = ranks[grp.channel_offset + c];
-      TORCH_CHECK(r >= 0 && r < grp.channels && !seen[r], "s2hk::", op, ": group ", g,
-                  ": ranks must be a permutation of 0..", grp.channels - 1, " (channel ", c, " has rank ", r, ")");
+      TORCH_CHECK(r >= 0 && r < grp.channels && !seen[r], "s2hk::", op, ": ranks of group ", g,
+                  " must be a permutation of 0..", grp.channels - 1, " (channel ", c, " has rank ", r, ")");
       seen[r] = 1;
     }
   }
-  TORCH_CHECK(channel_offset == num_channels && logit_offset == num_logits, "s2hk::", op, ": the layout covers ",
-              channel_offset, " channels and ", logit_offset, " logits, the buffers hold ", num_channels, " and ",
-              num_logits);
 }
 
 // p = softmax(u / tau) in double.
@@ -152,103 +116,87 @@ void gates_backward_cpu_kernel(const T* grad_keep_probs, const double* grad_hard
   });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> allocate_gate_outputs(const at::Tensor& logits,
-                                                                                 const at::Tensor& ranks,
-                                                                                 int64_t num_groups) {
-  const auto f64 = logits.options().dtype(at::kDouble);
-  return {at::empty({ranks.numel()}, logits.options()), at::empty({num_groups}, f64), at::empty({num_groups}, f64),
-          at::empty({ranks.numel()}, logits.options().dtype(at::kFloat))};
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> allocate_gate_outputs(const GateInputs& in) {
+  const auto f64 = in.logits.options().dtype(at::kDouble);
+  return {at::empty({in.ranks.numel()}, in.logits.options()), at::empty({in.num_groups}, f64),
+          at::empty({in.num_groups}, f64), at::empty({in.ranks.numel()}, in.logits.options().dtype(at::kFloat))};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gates_cpu(const at::Tensor& logits_in,
-                                                                     const at::Tensor& ranks_in,
-                                                                     const at::Tensor& layout_in, double tau) {
-  check_gate_tensors(logits_in, ranks_in, layout_in, "gates");
-  const at::Tensor logits = logits_in.contiguous(), ranks = ranks_in.contiguous(), layout = layout_in.contiguous();
-  const int64_t num_groups = layout.size(0);
-  check_gate_layout_cpu(layout.const_data_ptr<int64_t>(), num_groups, logits.numel(), ranks.const_data_ptr<int64_t>(),
-                        ranks.numel(), "gates");
-  auto [keep_probs, hard_widths, expected, mask] = allocate_gate_outputs(logits, ranks, num_groups);
-  AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "s2hk::gates", [&] {
-    gates_forward_cpu_kernel<scalar_t>(logits.const_data_ptr<scalar_t>(), ranks.const_data_ptr<int64_t>(),
-                                       layout.const_data_ptr<int64_t>(), num_groups, tau,
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gates_cpu(const at::Tensor& logits, const at::Tensor& ranks,
+                                                                     const at::Tensor& layout,
+                                                                     const at::Tensor& host_layout, double tau) {
+  const GateInputs in = validate_gates(logits, ranks, layout, host_layout, tau, "gates");
+  check_gate_tables_cpu(in, "gates");
+  at::Tensor keep_probs, hard_widths, expected, mask;  // not structured bindings: C++17 lambdas cannot capture those
+  std::tie(keep_probs, hard_widths, expected, mask) = allocate_gate_outputs(in);
+  AT_DISPATCH_FLOATING_TYPES(in.logits.scalar_type(), "s2hk::gates", [&] {
+    gates_forward_cpu_kernel<scalar_t>(in.logits.const_data_ptr<scalar_t>(), in.ranks.const_data_ptr<int64_t>(),
+                                       in.layout.const_data_ptr<int64_t>(), in.num_groups, tau,
                                        keep_probs.mutable_data_ptr<scalar_t>(), mask.mutable_data_ptr<float>(),
                                        hard_widths.mutable_data_ptr<double>(), expected.mutable_data_ptr<double>());
   });
   return {keep_probs, hard_widths, expected, mask};
 }
 
-void check_gate_grads(const at::Tensor& grad_keep_probs, const at::Tensor& grad_hard_widths,
-                      const at::Tensor& grad_expected, const at::Tensor& logits, const at::Tensor& ranks,
-                      const at::Tensor& layout) {
-  check_gate_tensors(logits, ranks, layout, "gates_backward");
-  TORCH_CHECK(grad_keep_probs.sizes() == ranks.sizes() && grad_keep_probs.scalar_type() == logits.scalar_type(),
-              "s2hk::gates_backward: grad_keep_probs must match keep_probs: (sum C_g,) of the logits' dtype");
-  for (const at::Tensor* grad : {&grad_hard_widths, &grad_expected}) {
-    TORCH_CHECK(grad->dim() == 1 && grad->size(0) == layout.size(0) && grad->scalar_type() == at::kDouble,
-                "s2hk::gates_backward: the width gradients must be float64 (G,)");
-    check_same_device(logits, *grad, "gates_backward", "logits", "a width gradient");
-  }
-  check_same_device(logits, grad_keep_probs, "gates_backward", "logits", "grad_keep_probs");
-}
-
-at::Tensor gates_backward_cpu(const at::Tensor& grad_keep_probs_in, const at::Tensor& grad_hard_widths_in,
-                              const at::Tensor& grad_expected_in, const at::Tensor& logits_in,
-                              const at::Tensor& ranks_in, const at::Tensor& layout_in, double tau) {
-  check_gate_grads(grad_keep_probs_in, grad_hard_widths_in, grad_expected_in, logits_in, ranks_in, layout_in);
-  const at::Tensor grad_keep_probs = grad_keep_probs_in.contiguous(),
-                   grad_hard_widths = grad_hard_widths_in.contiguous(), grad_expected = grad_expected_in.contiguous(),
-                   logits = logits_in.contiguous(), ranks = ranks_in.contiguous(), layout = layout_in.contiguous();
-  const int64_t num_groups = layout.size(0);
-  check_gate_layout_cpu(layout.const_data_ptr<int64_t>(), num_groups, logits.numel(), ranks.const_data_ptr<int64_t>(),
-                        ranks.numel(), "gates_backward");
-  at::Tensor grad_logits = at::empty_like(logits);
-  AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "s2hk::gates_backward", [&] {
+at::Tensor gates_backward_cpu(const at::Tensor& grad_keep_probs, const at::Tensor& grad_hard_widths,
+                              const at::Tensor& grad_expected, const at::Tensor& logits, const at::Tensor& ranks,
+                              const at::Tensor& layout, const at::Tensor& host_layout, double tau) {
+  const GateGradInputs in =
+      validate_gates_backward(grad_keep_probs, grad_hard_widths, grad_expected, logits, ranks, layout, host_layout, tau);
+  const GateInputs& g = in.gates;
+  check_gate_tables_cpu(g, "gates_backward");
+  at::Tensor grad_logits = at::empty_like(g.logits);
+  AT_DISPATCH_FLOATING_TYPES(g.logits.scalar_type(), "s2hk::gates_backward", [&] {
     gates_backward_cpu_kernel<scalar_t>(
-        grad_keep_probs.const_data_ptr<scalar_t>(), grad_hard_widths.const_data_ptr<double>(),
-        grad_expected.const_data_ptr<double>(), logits.const_data_ptr<scalar_t>(), ranks.const_data_ptr<int64_t>(),
-        layout.const_data_ptr<int64_t>(), num_groups, tau, grad_logits.mutable_data_ptr<scalar_t>());
+        in.grad_keep_probs.const_data_ptr<scalar_t>(), in.grad_hard_widths.const_data_ptr<double>(),
+        in.grad_expected.const_data_ptr<double>(), g.logits.const_data_ptr<scalar_t>(),
+        g.ranks.const_data_ptr<int64_t>(), g.layout.const_data_ptr<int64_t>(), g.num_groups, tau,
+        grad_logits.mutable_data_ptr<scalar_t>());
   });
   return grad_logits;
 }
 
 #ifdef S2HK_WITH_CUDA
-// The CUDA kernels trust the layout's contents (reading them here would synchronise with the device).
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gates_cuda(const at::Tensor& logits_in,
-                                                                      const at::Tensor& ranks_in,
-                                                                      const at::Tensor& layout_in, double tau) {
-  check_gate_tensors(logits_in, ranks_in, layout_in, "gates");
-  const c10::cuda::CUDAGuard guard(logits_in.device());
-  const at::Tensor logits = logits_in.contiguous(), ranks = ranks_in.contiguous(), layout = layout_in.contiguous();
-  const int64_t num_groups = layout.size(0);
-  auto [keep_probs, hard_widths, expected, mask] = allocate_gate_outputs(logits, ranks, num_groups);
-  at::Tensor choice_scratch = at::empty({logits.numel()}, logits.options().dtype(at::kDouble));
-  check_launch(s2hk_gates_forward_cuda(launcher_dtype(logits.scalar_type()), logits.const_data_ptr(),
-                                       ranks.const_data_ptr<int64_t>(), layout.const_data_ptr<int64_t>(), num_groups,
-                                       tau, keep_probs.mutable_data_ptr(), mask.mutable_data_ptr<float>(),
+// Nothing on the device is read here (that would synchronise with it): the kernels take the validated sizes of
+// the buffers and stay inside them whatever the device layout and the ranks hold (csrc/cuda/gates.cu).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gates_cuda(const at::Tensor& logits,
+                                                                      const at::Tensor& ranks,
+                                                                      const at::Tensor& layout,
+                                                                      const at::Tensor& host_layout, double tau) {
+  const GateInputs in = validate_gates(logits, ranks, layout, host_layout, tau, "gates");
+  const c10::cuda::CUDAGuard guard(in.logits.device());
+  auto [keep_probs, hard_widths, expected, mask] = allocate_gate_outputs(in);
+  const auto f64 = in.logits.options().dtype(at::kDouble);
+  at::Tensor channel_scratch = at::empty({in.ranks.numel()}, f64);
+  at::Tensor choice_scratch = at::empty({in.logits.numel()}, f64);
+  check_launch(s2hk_gates_forward_cuda(launcher_dtype(in.logits.scalar_type()), in.logits.const_data_ptr(),
+                                       in.ranks.const_data_ptr<int64_t>(), in.layout.const_data_ptr<int64_t>(),
+                                       in.num_groups, in.ranks.numel(), in.logits.numel(), tau,
+                                       keep_probs.mutable_data_ptr(), mask.mutable_data_ptr<float>(),
                                        hard_widths.mutable_data_ptr<double>(), expected.mutable_data_ptr<double>(),
+                                       channel_scratch.mutable_data_ptr<double>(),
                                        choice_scratch.mutable_data_ptr<double>(), current_cuda_stream()),
                "gates");
   return {keep_probs, hard_widths, expected, mask};
 }
 
-at::Tensor gates_backward_cuda(const at::Tensor& grad_keep_probs_in, const at::Tensor& grad_hard_widths_in,
-                               const at::Tensor& grad_expected_in, const at::Tensor& logits_in,
-                               const at::Tensor& ranks_in, const at::Tensor& layout_in, double tau) {
-  check_gate_grads(grad_keep_probs_in, grad_hard_widths_in, grad_expected_in, logits_in, ranks_in, layout_in);
-  const c10::cuda::CUDAGuard guard(logits_in.device());
-  const at::Tensor grad_keep_probs = grad_keep_probs_in.contiguous(),
-                   grad_hard_widths = grad_hard_widths_in.contiguous(), grad_expected = grad_expected_in.contiguous(),
-                   logits = logits_in.contiguous(), ranks = ranks_in.contiguous(), layout = layout_in.contiguous();
-  at::Tensor grad_logits = at::empty_like(logits);
-  at::Tensor channel_scratch = at::empty({ranks.numel()}, logits.options().dtype(at::kDouble));
-  at::Tensor choice_scratch = at::empty({logits.numel()}, logits.options().dtype(at::kDouble));
-  check_launch(s2hk_gates_backward_cuda(launcher_dtype(logits.scalar_type()), grad_keep_probs.const_data_ptr(),
-                                        grad_hard_widths.const_data_ptr<double>(),
-                                        grad_expected.const_data_ptr<double>(), logits.const_data_ptr(),
-                                        ranks.const_data_ptr<int64_t>(), layout.const_data_ptr<int64_t>(),
-                                        layout.size(0), tau, grad_logits.mutable_data_ptr(),
-                                        channel_scratch.mutable_data_ptr<double>(),
+at::Tensor gates_backward_cuda(const at::Tensor& grad_keep_probs, const at::Tensor& grad_hard_widths,
+                               const at::Tensor& grad_expected, const at::Tensor& logits, const at::Tensor& ranks,
+                               const at::Tensor& layout, const at::Tensor& host_layout, double tau) {
+  const GateGradInputs in =
+      validate_gates_backward(grad_keep_probs, grad_hard_widths, grad_expected, logits, ranks, layout, host_layout, tau);
+  const GateInputs& g = in.gates;
+  const c10::cuda::CUDAGuard guard(g.logits.device());
+  at::Tensor grad_logits = at::empty_like(g.logits);
+  const auto f64 = g.logits.options().dtype(at::kDouble);
+  at::Tensor channel_scratch = at::empty({g.ranks.numel()}, f64);
+  at::Tensor choice_scratch = at::empty({g.logits.numel()}, f64);
+  check_launch(s2hk_gates_backward_cuda(launcher_dtype(g.logits.scalar_type()), in.grad_keep_probs.const_data_ptr(),
+                                        in.grad_hard_widths.const_data_ptr<double>(),
+                                        in.grad_expected.const_data_ptr<double>(), g.logits.const_data_ptr(),
+                                        g.ranks.const_data_ptr<int64_t>(), g.layout.const_data_ptr<int64_t>(),
+                                        g.num_groups, g.ranks.numel(), g.logits.numel(), tau,
+                                        grad_logits.mutable_data_ptr(), channel_scratch.mutable_data_ptr<double>(),
                                         choice_scratch.mutable_data_ptr<double>(), current_cuda_stream()),
                "gates_backward");
   return grad_logits;

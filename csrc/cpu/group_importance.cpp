@@ -23,59 +23,6 @@
 namespace s2hk {
 namespace {
 
-// Which layers feed which group, and where each group's channels sit in the flat outputs.
-struct ImportancePlan {
-  std::vector<at::Tensor> weights;                 // filters laid out as contiguous runs (a copy only if needed)
-  std::vector<std::vector<int64_t>> group_layers;  // per group: indices into `weights`, in the caller's order
-  std::vector<int64_t> channels, channel_offsets;  // per group
-  int64_t total_channels = 0, max_channels = 0;
-  at::ScalarType out_dtype = at::kFloat;
-};
-
-// Each output filter weight[c] is the run [c * F, (c + 1) * F) of the storage, F = numel / C_out: true for
-// contiguous and channels_last weights alike (the order inside a filter does not change its L1 norm).
-bool filters_are_runs(const at::Tensor& w) {
-  return w.is_non_overlapping_and_dense() && (w.size(0) <= 1 || w.stride(0) * w.size(0) == w.numel());
-}
-
-bool is_supported_weight_dtype(at::ScalarType t) {
-  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
-}
-
-ImportancePlan plan_importance(const at::TensorList weights, const at::IntArrayRef groups) {
-  TORCH_CHECK(!weights.empty(), "s2hk::group_importance: needs at least one weight");
-  TORCH_CHECK(weights.size() == groups.size(), "s2hk::group_importance: ", weights.size(), " weights but ",
-              groups.size(), " group indices");
-  ImportancePlan plan;
-  const int64_t num_groups = *std::max_element(groups.begin(), groups.end()) + 1;
-  plan.group_layers.resize(num_groups);
-  plan.channels.assign(num_groups, -1);
-  for (size_t l = 0; l < weights.size(); ++l) {
-    const at::Tensor& w = weights[l];
-    const int64_t g = groups[l];
-    TORCH_CHECK(g >= 0, "s2hk::group_importance: group indices must be >= 0, layer ", l, " has ", g);
-    TORCH_CHECK(w.dim() >= 1 && w.size(0) >= 1, "s2hk::group_importance: weight ", l,
-                " must be (C_out, ...) with C_out >= 1, got ", w.sizes());
-    TORCH_CHECK(is_supported_weight_dtype(w.scalar_type()), "s2hk::group_importance: weight ", l,
-                " must be float32, float64, float16 or bfloat16, got ", w.scalar_type());
-    check_same_device(weights[0], w, "group_importance", "weight 0", "another weight");
-    TORCH_CHECK(plan.channels[g] < 0 || plan.channels[g] == w.size(0), "s2hk::group_importance: group ", g,
-                " has layers with ", plan.channels[g], " and ", w.size(0), " output channels");
-    plan.channels[g] = w.size(0);
-    plan.group_layers[g].push_back(static_cast<int64_t>(l));
-    plan.weights.push_back(filters_are_runs(w) ? w : w.contiguous());
-    if (w.scalar_type() == at::kDouble) plan.out_dtype = at::kDouble;
-  }
-  for (int64_t g = 0; g < num_groups; ++g) {
-    TORCH_CHECK(!plan.group_layers[g].empty(), "s2hk::group_importance: group ", g,
-                " has no layer (group indices must cover 0..G-1)");
-    plan.channel_offsets.push_back(plan.total_channels);
-    plan.total_channels += plan.channels[g];
-    plan.max_channels = std::max(plan.max_channels, plan.channels[g]);
-  }
-  return plan;
-}
-
 template <typename T>
 double filter_l1(const void* data, int64_t begin, int64_t count) {
   const T* x = static_cast<const T*>(data) + begin;
@@ -150,7 +97,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> allocate_importance_outputs(const
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> group_importance_cpu(const at::TensorList weights,
                                                                     const at::IntArrayRef groups) {
-  const ImportancePlan plan = plan_importance(weights, groups);
+  const ImportancePlan plan = validate_group_importance(weights, groups);
   auto [importance, order, ranks] = allocate_importance_outputs(plan, weights[0].options());
   if (plan.out_dtype == at::kDouble) {
     group_importance_cpu_kernel<double>(plan, importance.mutable_data_ptr<double>(), order.mutable_data_ptr<int64_t>(),
@@ -167,11 +114,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_importance_cpu(const at::Te
 // from pinned memory (the caching host allocator keeps the buffer alive until the copy has run).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> group_importance_cuda(const at::TensorList weights,
                                                                      const at::IntArrayRef groups) {
-  const ImportancePlan plan = plan_importance(weights, groups);
+  const ImportancePlan plan = validate_group_importance(weights, groups);
   const c10::cuda::CUDAGuard guard(weights[0].device());
   const int64_t num_groups = static_cast<int64_t>(plan.channels.size());
   const int64_t num_layers = static_cast<int64_t>(plan.weights.size());
-  TORCH_CHECK(num_groups <= 65535, "s2hk::group_importance: at most 65535 groups per call on CUDA");
   at::Tensor host_table = at::empty({(num_layers + num_groups) * S2HK_IMPORTANCE_COLUMNS},
                                     at::TensorOptions().dtype(at::kLong).pinned_memory(true));
   int64_t* layer_rows = host_table.mutable_data_ptr<int64_t>();

@@ -10,13 +10,15 @@ TORCH_LIBRARY(s2hk, m) {
   // Fake (meta) kernels and autograd formulas are registered in Python, in this module.
   m.set_python_module("s2hk.ops");
 
-  // Gates of every channel group at once; `layout` is int64 (G, 4): channel offset, logit offset, C_g, d_g.
+  // Gates of every channel group at once; `layout` is int64 (G, 4): channel offset, logit offset, C_g, d_g, on the
+  // logits' device (the kernels read it), and `host_layout` its CPU copy (validated: reading a CUDA layout would
+  // synchronise with the device on every call).
   m.def(
-      "gates(Tensor logits, Tensor ranks, Tensor layout, float tau) -> "
+      "gates(Tensor logits, Tensor ranks, Tensor layout, Tensor host_layout, float tau) -> "
       "(Tensor keep_probs, Tensor hard_widths, Tensor expected, Tensor mask)");
   m.def(
       "gates_backward(Tensor grad_keep_probs, Tensor grad_hard_widths, Tensor grad_expected, Tensor logits, "
-      "Tensor ranks, Tensor layout, float tau) -> Tensor");
+      "Tensor ranks, Tensor layout, Tensor host_layout, float tau) -> Tensor");
 
   // Decoupled KD terms [G_h, G_s] and the routed gradients dG_h/dh, dG_s/ds.
   m.def(

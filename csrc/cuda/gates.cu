@@ -4,6 +4,8 @@
 // cumulative sum), walking them in 32-wide tiles so any L works; then the whole block does the O(C) work on the
 // channels (gather the keep-probability by rank, compare the rank with the hard width). Everything on the
 // choices is computed in double, as the reference does for E, so ceil(E) lands on the same integer.
+// The host reads neither the device layout nor the ranks; the kernels bound every access by the buffer sizes
+// (launchers.h says what a bad row or bad ranks give).
 #include <cuda_runtime.h>
 #include <math.h>
 #include <stdint.h>
@@ -49,18 +51,51 @@ __device__ SoftmaxStats warp_softmax_stats(const T* u, int64_t choices, double t
   return {m, warp_sum(z)};
 }
 
+// Whether a row of the device layout describes a group inside the buffers. The host validated its CPU copy of
+// the layout, not this table: one that differs from the copy must still not send a block outside the buffers.
+__device__ __forceinline__ bool fits_buffers(const GateGroup& grp, int64_t num_channels, int64_t num_logits) {
+  return grp.channels >= 1 && grp.granularity >= 1 && grp.channels % grp.granularity == 0 &&
+         grp.channel_offset >= 0 && grp.channel_offset <= num_channels - grp.channels && grp.logit_offset >= 0 &&
+         grp.logit_offset <= num_logits - grp.choices();
+}
+
+// The ranks are never checked on the host (reading them would synchronise with the device every call), so the
+// kernels check them on the way: a rank outside [0, C) is never used as an index, and a group whose ranks are
+// not a permutation of 0..C-1 gets NaN outputs and NaN gradients, so that the error shows in the loss instead
+// of as plausible but wrong gates.
 template <typename T>
 __global__ void
 gates_forward_kernel(const T* __restrict__ logits, const int64_t* __restrict__ ranks,
-                     const int64_t* __restrict__ layout, double tau, T* __restrict__ keep_probs,
-                     float* __restrict__ mask, double* __restrict__ hard_widths, double* __restrict__ expected,
+                     const int64_t* __restrict__ layout, int64_t num_channels, int64_t num_logits, double tau,
+                     T* __restrict__ keep_probs, float* __restrict__ mask, double* __restrict__ hard_widths,
+                     double* __restrict__ expected, double* __restrict__ channel_scratch,
                      double* __restrict__ choice_scratch) {
   const int64_t g = blockIdx.x;
   const GateGroup grp = load_gate_group(layout, g);
+  if (!fits_buffers(grp, num_channels, num_logits)) {  // the same for the whole block: no barrier is split
+    if (threadIdx.x == 0) hard_widths[g] = expected[g] = NAN;
+    return;
+  }
   const int64_t choices = grp.choices();
   const T* u = logits + grp.logit_offset;
+  const int64_t* group_ranks = ranks + grp.channel_offset;
   double* block_keep = choice_scratch + grp.logit_offset;  // W_b, read back by every thread below
-  __shared__ double hard_width;
+  // covered[r] != 0: some channel has rank r. C ranks in [0, C) cover all C slots only if none repeats, so this
+  // checks the permutation without a sort.
+  double* covered = channel_scratch + grp.channel_offset;
+  __shared__ double hard_width, expected_width;
+
+  for (int64_t c = threadIdx.x; c < grp.channels; c += blockDim.x) covered[c] = 0.0;
+  __syncthreads();
+  bool bad_ranks = false;
+  for (int64_t c = threadIdx.x; c < grp.channels; c += blockDim.x) {
+    const int64_t r = group_ranks[c];
+    if (r >= 0 && r < grp.channels) {
+      covered[r] = 1.0;
+    } else {
+      bad_ranks = true;
+    }
+  }
 
   if (threadIdx.x < kWarpSize) {
     const int lane = threadIdx.x;
@@ -79,20 +114,28 @@ gates_forward_kernel(const T* __restrict__ logits, const int64_t* __restrict__ r
     const double e = warp_sum(width_part);
     if (lane == 0) {
       const double d = static_cast<double>(grp.granularity);
-      const double k = fmin(static_cast<double>(grp.channels), d * ceil(ceil(e - kWidthRoundingSlack) / d));
-      hard_widths[g] = k;
-      expected[g] = e;
-      hard_width = k;
+      hard_width = fmin(static_cast<double>(grp.channels), d * ceil(ceil(e - kWidthRoundingSlack) / d));
+      expected_width = e;
     }
   }
-  __syncthreads();  // block_keep (global) and hard_width (shared) are complete and visible to the block
+  __syncthreads();  // covered, block_keep (global) and the widths (shared) are complete and visible to the block
 
-  const double k = hard_width;
+  for (int64_t c = threadIdx.x; c < grp.channels; c += blockDim.x) bad_ranks |= covered[c] == 0.0;
+  const bool poisoned = __syncthreads_or(bad_ranks) != 0;
+  const double k = poisoned ? NAN : hard_width;
+  if (threadIdx.x == 0) {
+    hard_widths[g] = k;
+    expected[g] = poisoned ? NAN : expected_width;
+  }
   for (int64_t c = threadIdx.x; c < grp.channels; c += blockDim.x) {
-    const int64_t r = ranks[grp.channel_offset + c];
-    const bool valid = r >= 0 && r < grp.channels;  // out-of-range ranks read nothing
-    keep_probs[grp.channel_offset + c] = static_cast<T>(valid ? block_keep[r / grp.granularity] : 0.0);
-    mask[grp.channel_offset + c] = (valid && static_cast<double>(r) < k) ? 1.0f : 0.0f;
+    if (poisoned) {
+      keep_probs[grp.channel_offset + c] = static_cast<T>(NAN);
+      mask[grp.channel_offset + c] = NAN;
+    } else {
+      const int64_t r = group_ranks[c];  // in [0, C): checked above
+      keep_probs[grp.channel_offset + c] = static_cast<T>(block_keep[r / grp.granularity]);
+      mask[grp.channel_offset + c] = static_cast<double>(r) < k ? 1.0f : 0.0f;
+    }
   }
 }
 
@@ -100,15 +143,22 @@ template <typename T>
 __global__ void
 gates_backward_kernel(const T* __restrict__ grad_keep_probs, const double* __restrict__ grad_hard_widths,
                       const double* __restrict__ grad_expected, const T* __restrict__ logits,
-                      const int64_t* __restrict__ ranks, const int64_t* __restrict__ layout, double tau,
-                      T* __restrict__ grad_logits, double* __restrict__ channel_scratch,
-                      double* __restrict__ choice_scratch) {
+                      const int64_t* __restrict__ ranks, const int64_t* __restrict__ layout, int64_t num_channels,
+                      int64_t num_logits, double tau, T* __restrict__ grad_logits,
+                      double* __restrict__ channel_scratch, double* __restrict__ choice_scratch) {
   const int64_t g = blockIdx.x;
   const GateGroup grp = load_gate_group(layout, g);
+  // Such a row says nothing of where the group's logits are, so they are left alone (the forward of the same
+  // table gives the group NaN widths).
+  if (!fits_buffers(grp, num_channels, num_logits)) return;
   const int64_t choices = grp.choices();
 
   // 1. Lay the incoming channel gradients out in rank order, so that the d channels sharing W_b are one run.
+  // A slot that no rank in [0, C) fills stays NaN, which the scan and the softmax's dot product below carry into
+  // every logit gradient of the group: ranks that are not a permutation give NaN gradients.
   double* by_rank = channel_scratch + grp.channel_offset;
+  for (int64_t c = threadIdx.x; c < grp.channels; c += blockDim.x) by_rank[c] = NAN;
+  __syncthreads();
   for (int64_t c = threadIdx.x; c < grp.channels; c += blockDim.x) {
     const int64_t r = ranks[grp.channel_offset + c];
     if (r >= 0 && r < grp.channels) by_rank[r] = static_cast<double>(grad_keep_probs[grp.channel_offset + c]);
@@ -155,8 +205,9 @@ const char* launch_status() {
 }  // namespace s2hk
 
 extern "C" const char* s2hk_gates_forward_cuda(int dtype, const void* logits, const int64_t* ranks,
-                                               const int64_t* layout, int64_t num_groups, double tau,
-                                               void* keep_probs, float* mask, double* hard_widths, double* expected,
+                                               const int64_t* layout, int64_t num_groups, int64_t num_channels,
+                                               int64_t num_logits, double tau, void* keep_probs, float* mask,
+                                               double* hard_widths, double* expected, double* channel_scratch,
                                                double* choice_scratch, void* stream) {
   using namespace s2hk;
   if (num_groups == 0) return nullptr;
@@ -164,12 +215,12 @@ extern "C" const char* s2hk_gates_forward_cuda(int dtype, const void* logits, co
   const dim3 grid(static_cast<unsigned>(num_groups));
   if (dtype == S2HK_FLOAT32) {
     gates_forward_kernel<float><<<grid, kGateThreads, 0, s>>>(
-        static_cast<const float*>(logits), ranks, layout, tau, static_cast<float*>(keep_probs), mask, hard_widths,
-        expected, choice_scratch);
+        static_cast<const float*>(logits), ranks, layout, num_channels, num_logits, tau,
+        static_cast<float*>(keep_probs), mask, hard_widths, expected, channel_scratch, choice_scratch);
   } else if (dtype == S2HK_FLOAT64) {
     gates_forward_kernel<double><<<grid, kGateThreads, 0, s>>>(
-        static_cast<const double*>(logits), ranks, layout, tau, static_cast<double*>(keep_probs), mask,
-        hard_widths, expected, choice_scratch);
+        static_cast<const double*>(logits), ranks, layout, num_channels, num_logits, tau,
+        static_cast<double*>(keep_probs), mask, hard_widths, expected, channel_scratch, choice_scratch);
   } else {
     return "s2hk gates: logits must be float32 or float64";
   }
@@ -179,8 +230,9 @@ extern "C" const char* s2hk_gates_forward_cuda(int dtype, const void* logits, co
 extern "C" const char* s2hk_gates_backward_cuda(int dtype, const void* grad_keep_probs,
                                                 const double* grad_hard_widths, const double* grad_expected,
                                                 const void* logits, const int64_t* ranks, const int64_t* layout,
-                                                int64_t num_groups, double tau, void* grad_logits,
-                                                double* channel_scratch, double* choice_scratch, void* stream) {
+                                                int64_t num_groups, int64_t num_channels, int64_t num_logits,
+                                                double tau, void* grad_logits, double* channel_scratch,
+                                                double* choice_scratch, void* stream) {
   using namespace s2hk;
   if (num_groups == 0) return nullptr;
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
@@ -188,13 +240,13 @@ extern "C" const char* s2hk_gates_backward_cuda(int dtype, const void* grad_keep
   if (dtype == S2HK_FLOAT32) {
     gates_backward_kernel<float><<<grid, kGateThreads, 0, s>>>(
         static_cast<const float*>(grad_keep_probs), grad_hard_widths, grad_expected,
-        static_cast<const float*>(logits), ranks, layout, tau, static_cast<float*>(grad_logits), channel_scratch,
-        choice_scratch);
+        static_cast<const float*>(logits), ranks, layout, num_channels, num_logits, tau,
+        static_cast<float*>(grad_logits), channel_scratch, choice_scratch);
   } else if (dtype == S2HK_FLOAT64) {
     gates_backward_kernel<double><<<grid, kGateThreads, 0, s>>>(
         static_cast<const double*>(grad_keep_probs), grad_hard_widths, grad_expected,
-        static_cast<const double*>(logits), ranks, layout, tau, static_cast<double*>(grad_logits), channel_scratch,
-        choice_scratch);
+        static_cast<const double*>(logits), ranks, layout, num_channels, num_logits, tau,
+        static_cast<double*>(grad_logits), channel_scratch, choice_scratch);
   } else {
     return "s2hk gates_backward: logits must be float32 or float64";
   }

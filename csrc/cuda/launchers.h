@@ -24,19 +24,26 @@ enum s2hk_gate_layout_column {
   S2HK_GATE_LAYOUT_COLUMNS = 4
 };
 
+// The gate kernels index the flat buffers through the device `layout` and `ranks`, which the host does not read
+// (that would synchronise with the device every call); it validates a CPU copy of the layout instead. The
+// kernels stay inside the buffers whatever these two hold: `num_channels` (sum C_g: ranks, keep_probs, mask,
+// grad_keep_probs, channel_scratch) and `num_logits` (sum L_g: logits, grad_logits, choice_scratch) bound every
+// access. A group whose layout row does not fit them is skipped, its hard width and expected width NaN; a group
+// whose ranks are not a permutation of 0..C_g-1 gets NaN outputs and NaN logit gradients.
+
 // gates forward, one block per group: keep_probs (dtype), mask (float32), hard_widths and expected (float64).
-// `choice_scratch` holds sum L_g doubles. Ranks must be a permutation of 0..C_g-1 inside each group.
 const char* s2hk_gates_forward_cuda(int dtype, const void* logits, const int64_t* ranks, const int64_t* layout,
-                                    int64_t num_groups, double tau, void* keep_probs, float* mask,
-                                    double* hard_widths, double* expected, double* choice_scratch, void* stream);
+                                    int64_t num_groups, int64_t num_channels, int64_t num_logits, double tau,
+                                    void* keep_probs, float* mask, double* hard_widths, double* expected,
+                                    double* channel_scratch, double* choice_scratch, void* stream);
 
 // gates backward, one block per group: grad_logits (dtype) from the gradients of keep_probs (dtype) and of
 // hard_widths and expected (float64; both reach the logits through E, straight-through).
-// `channel_scratch` holds sum C_g doubles, `choice_scratch` sum L_g doubles.
 const char* s2hk_gates_backward_cuda(int dtype, const void* grad_keep_probs, const double* grad_hard_widths,
                                      const double* grad_expected, const void* logits, const int64_t* ranks,
-                                     const int64_t* layout, int64_t num_groups, double tau, void* grad_logits,
-                                     double* channel_scratch, double* choice_scratch, void* stream);
+                                     const int64_t* layout, int64_t num_groups, int64_t num_channels,
+                                     int64_t num_logits, double tau, void* grad_logits, double* channel_scratch,
+                                     double* choice_scratch, void* stream);
 
 // decoupled KD, one warp per row of the (N, K) soft and hard logits (contiguous, N >= 1, K >= 1): the batch-mean
 // KL terms losses[0] = losses[1] = alpha * KL(softmax(s/T) || softmax(h/T)) (dtype, 2 elements) and the routed
