@@ -9,7 +9,7 @@ refresh. Methods (S2HPruner, CR-SFP, STP) are mask policies and loss routings on
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
 
 import numbers
 import operator
@@ -45,6 +45,37 @@ class HardPlan:
     selections: list[Selection]
 
 
+class TensorMove:
+    """How one move of the network (``.to``, ``.cuda``, ``.double``, ``to_empty``, a state loaded from another
+    device) converts the tensors a pruner keeps besides its parameters and buffers.
+
+    Args:
+        device: where the network's tensors are after the move.
+        fn: the move's conversion of the network's own tensors (what ``nn.Module._apply`` applies), or None
+            for a change of device alone.
+    """
+
+    def __init__(self, device: torch.device, fn: Optional[Callable[[Tensor], Tensor]] = None) -> None:
+        self.device = device
+        self.fn = fn
+
+    def place(self, t: Tensor) -> Tensor:
+        """``t`` on the new device with its dtype and values: channel indices (int64) and float64 bookkeeping,
+        which a ``.half()`` or ``.to(dtype)`` of the network must not round."""
+        if t.device == self.device:
+            return t
+        if t.is_meta:  # a meta tensor has no values to copy: allocated, as torch's to_empty does for parameters
+            return torch.empty_like(t, device=self.device)
+        return t.to(self.device)
+
+    def convert(self, t: Tensor) -> Tensor:
+        """``t`` as the network will read it: a floating point network input (example inputs, remembered
+        batches) converted like the network's own tensors (device and dtype), anything else placed."""
+        if self.fn is not None and t.is_floating_point():
+            return self.fn(t)
+        return self.place(t)
+
+
 class TwoPathNetwork(nn.Module):
     """A model's soft and hard paths over the same weights.
 
@@ -59,6 +90,20 @@ class TwoPathNetwork(nn.Module):
         importance: "dynamic" (re-rank channels from filter L1 norms at every refresh) or "frozen" (rank once).
         prune_embedding: also prune channels normalised by a LayerNorm (a transformer's embedding width); see
             :func:`s2hk.graph.analyze`.
+
+    Devices and dtypes: ``.to(device)``, ``.cuda()``, ``.double()``, ``.half()``, ``to_empty`` and the like move
+    the user's model (all of it, not only the layers the trace calls), the two-path layers and what the engine
+    keeps besides parameters and buffers: pinned channel lists, the hard plan's selections, importance orders,
+    the example inputs and the FLOPs polynomial's constants (these not to ``"meta"``, where they would lose their
+    values); methods add theirs (:meth:`_move_state`). Channel indices stay int64 and float64 bookkeeping stays
+    float64 whatever the dtype. A tensor the user's model and the traced graphs share stays one tensor. The soft
+    gates and hard selections prepared for a forward are dropped: :meth:`forward` and the methods'
+    ``train_step`` prepare them again, code calling :meth:`run` or :meth:`run_dual` itself calls
+    :meth:`prepare_soft` / :meth:`prepare_hard` after a move. Moving the user's model alone (``model.to(...)``)
+    leaves the pruner behind: the next forward says so. As with any torch module, build optimisers after
+    moving: one built before keeps its state on the old device, and where a move makes new parameter objects
+    (to or from ``"meta"``, or with ``torch.__future__.set_overwrite_module_params_on_conversion(True)``) it
+    holds the old ones.
     """
 
     def __init__(self, model: nn.Module, example_inputs: Any, *, ignore: Iterable[str] = (),
@@ -75,6 +120,9 @@ class TwoPathNetwork(nn.Module):
         self.groups: list[ChannelGroup] = self.analysis.groups
         self.state = PathState()
         self.graph_module, self.wrappers = self._build_two_path_module()
+        # the layer call whose weight tells where the user's model is (see _check_placement)
+        self._placement_layer = next((name for name, w in self.wrappers.items()
+                                      if isinstance(getattr(w.module, "weight", None), Tensor)), None)
         self.prunable: list[ChannelGroup] = [g for g in self.groups if g.prunable]
         self._group_by_name = {g.name: g for g in self.groups}
         self._slot = {g.index: i for i, g in enumerate(self.prunable)}  # group index -> prunable slot
@@ -92,6 +140,7 @@ class TwoPathNetwork(nn.Module):
         self._ranked = False
         self.flops_polynomial = FlopsPolynomial(self.analysis, model, example_inputs)
         self._pinned: dict[int, Union[int, Tensor]] = {}
+        self._pinned_channels: dict[int, list[int]] = {}  # host copies of the explicit lists: read without a sync
         self._pinned_prefix: set[int] = set()
         self.plan = HardPlan([], [])
         self.refresh_plan()
@@ -229,6 +278,127 @@ class TwoPathNetwork(nn.Module):
             raise ValueError(f"granularity {d} does not divide the {group.channels} channels of group "
                              f"'{group.name}'")
         return d
+
+    # ------------------------------------------------------------------ devices and dtypes
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> "TwoPathNetwork":
+        """What ``.to``, ``.cuda``, ``.double``, ``to_empty`` ... run (see the class docstring): ``fn`` applied
+        to the parameters and buffers of the user's model, of the two-path modules and of the traced graph the
+        export reads, then :meth:`_move_state`."""
+        if recurse:
+            self._apply_to_modules(fn)
+        else:
+            super()._apply(fn, recurse=False)
+        self._move_state(TensorMove(self.ranks.device, fn))
+        return self
+
+    def _apply_to_modules(self, fn: Callable[[Tensor], Tensor]) -> None:
+        """``fn`` applied once to every module the pruner reaches: the user's model through its own ``_apply``
+        (its overrides run), then each module of the two-path network and of the analysis's traced graph that is
+        not the user's. A parameter or buffer held by several modules (the traced graphs' attributes of the
+        user's tensors, fx's tensor constants) is converted once, by its first holder, the user's model coming
+        first; the other holders then refer to the result, as before the move. So does a plain attribute
+        holding such a tensor (fx's tracer leaves the tensor constants it finds on the user's model)."""
+        model_modules = list(self.model.modules())
+        seen = {id(m) for m in model_modules}
+        own: list[nn.Module] = []
+        for tree in (self, self.analysis.graph_module):
+            for m in tree.modules():
+                if id(m) not in seen:
+                    seen.add(id(m))
+                    own.append(m)
+        own_ids = {id(m) for m in own}
+        holders: dict[int, tuple[nn.Module, str, str]] = {}
+        mirrors: list[tuple[nn.Module, str, str, tuple[nn.Module, str, str]]] = []
+        for m in model_modules + own:
+            for kind in ("_parameters", "_buffers"):
+                for key, t in getattr(m, kind).items():
+                    if t is None:
+                        continue
+                    if id(t) not in holders:
+                        holders[id(t)] = (m, kind, key)
+                    elif id(m) in own_ids:  # ties inside the user's model are torch's to handle, as without us
+                        mirrors.append((m, kind, key, holders[id(t)]))
+        for m in model_modules + own:
+            mirrors += [(m, "__dict__", key, holders[id(t)]) for key, t in vars(m).items()
+                        if isinstance(t, Tensor) and id(t) in holders]
+        for m, kind, key, _ in mirrors:
+            getattr(m, kind)[key] = None  # _apply skips None entries
+        try:
+            self.model._apply(fn)
+            for m in own:
+                if m is self:
+                    super()._apply(fn, recurse=False)
+                else:
+                    m._apply(fn, recurse=False)
+        finally:
+            for m, kind, key, (holder, holder_kind, holder_key) in mirrors:
+                getattr(m, kind)[key] = getattr(holder, holder_kind)[holder_key]
+
+    def _move_state(self, move: TensorMove) -> None:
+        """Move what the engine keeps besides parameters and buffers; methods with more such state extend it.
+
+        Pinned channel lists are made again on the new device from their host copies, so they keep their
+        channels even through ``"meta"``; the plan's selections of pinned groups are those lists, its others
+        and the importance orders are placed (:meth:`TensorMove.place`), the example inputs converted like the
+        network. The cached channel -> group maps are dropped (the next refresh rebuilds them on the new device),
+        and so are the path states prepared for a forward: their gates hang on the old logits' autograd graph."""
+        old = self._pinned
+        self._pinned = {gi: self._channel_tensor(self._pinned_channels[gi], move.device) if isinstance(pin, Tensor)
+                        else pin for gi, pin in old.items()}
+        remade = {id(old[gi]): pin for gi, pin in self._pinned.items() if isinstance(pin, Tensor)}
+        self.plan = HardPlan(list(self.plan.widths),
+                             [remade[id(s)] if id(s) in remade else move.place(s) if isinstance(s, Tensor) else s
+                              for s in self.plan.selections])
+        self._orders = [move.place(order) for order in self._orders]
+        self._channel_group = self._channel_position = None
+        self.state.gates, self.state.selections = {}, {}
+        self.example_inputs = _map_tensors(self.example_inputs, move.convert)
+        self._move_flops_constants(move)
+
+    def _move_flops_constants(self, move: TensorMove) -> None:
+        """The FLOPs polynomial's float64 constants onto the new device, where the widths it is evaluated at
+        live (no copy per evaluation); but not to ``"meta"``: a meta tensor keeps no values, and these could not
+        be made again when the network comes back from it (``to_empty``, then its weights loaded)."""
+        if move.device.type == "meta":
+            return
+        constants = vars(self.flops_polynomial)
+        for name, value in constants.items():
+            constants[name] = _map_tensors(value, move.place)
+
+    def _check_placement(self) -> None:
+        """A clear error where the user's model was moved without its pruner (``model.to(...)``), which leaves
+        the logits, ranks and channel lists behind; the forward would fail later on mixed devices."""
+        if self._placement_layer is None:
+            return
+        weight = self.wrappers[self._placement_layer].module.weight
+        if weight.device != self.ranks.device:
+            raise RuntimeError(f"the model's weights are on {weight.device} but the pruner's state is on "
+                               f"{self.ranks.device}: move the pruner, not only its model (pruner.to(device) "
+                               "moves both)")
+
+    def _load_move(self) -> TensorMove:
+        """How a loaded state's tensors (saved on any device, in any dtype) become this network's: on its device,
+        network inputs in the dtype of its weights."""
+        device = self.ranks.device
+        dtype = next((p.dtype for p in self.weight_parameters() if p.is_floating_point()), None)
+        return TensorMove(device, lambda t: t.to(device, dtype))
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
+        """``nn.Module.load_state_dict``, then the engine's state follows the loaded tensors: moved where
+        ``assign=True`` put them (a state from another device), the importance order taken from the loaded ranks
+        and the hard plan refreshed from the loaded logits."""
+        result = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        self._move_state(TensorMove(self.ranks.device))
+        self._orders_from_ranks()
+        if not self.ranks.is_meta:  # a meta network has no values to plan from; its plan waits for real ones
+            self.refresh_plan()
+        return result
+
+    def _orders_from_ranks(self) -> None:
+        """Each group's channels in importance order, from :attr:`ranks` (a loaded ranking)."""
+        co = self.gate_layout.channel_offsets
+        self._orders = [torch.argsort(self.ranks[co[i]:co[i + 1]]) for i in range(len(self.prunable))]
+        self._ranked = True
 
     # ------------------------------------------------------------------ introspection
     def group(self, name: str) -> ChannelGroup:
@@ -388,9 +558,14 @@ class TwoPathNetwork(nn.Module):
                     raise ValueError(f"channels for group '{name}' must be distinct indices in "
                                      f"0..{group.channels - 1}, got {list(value)}")
                 pins[group.index] = sorted(idx)
-        kept = {gi: (pin if isinstance(pin, int) else pin.tolist()) for gi, pin in self._pinned.items()
-                if gi not in pins}
+        kept = {gi: pin for gi, pin in self.pins().items() if gi not in pins}
         self.set_pins({**kept, **pins})
+
+    def pins(self) -> dict[int, Union[int, list[int]]]:
+        """The current pins as :meth:`set_pins` takes them (by group index: a width, or the sorted channel list),
+        from host copies: no device read."""
+        return {gi: pin if isinstance(pin, int) else list(self._pinned_channels[gi])
+                for gi, pin in self._pinned.items()}
 
     def set_pins(self, pins: Mapping[int, Union[int, Sequence[int]]]) -> None:
         """Replace every pin (by group index: a width, or sorted channel indices) and refresh the plan.
@@ -398,16 +573,23 @@ class TwoPathNetwork(nn.Module):
         Whether an explicit channel list is the prefix ``0..k-1`` is decided here, once, on the host, so the
         per-step plan refresh needs no further host reads."""
         self._pinned = {}
+        self._pinned_channels = {}
         self._pinned_prefix = set()
         for gi, pin in pins.items():
             if isinstance(pin, int):
                 self._pinned[gi] = pin
                 continue
             channels = [int(c) for c in pin]
-            self._pinned[gi] = torch.tensor(channels, dtype=torch.long, device=self.ranks.device)
+            self._pinned_channels[gi] = channels
+            self._pinned[gi] = self._channel_tensor(channels, self.ranks.device)
             if channels == list(range(len(channels))):
                 self._pinned_prefix.add(gi)
         self.refresh_plan()
+
+    @staticmethod
+    def _channel_tensor(channels: Sequence[int], device: torch.device) -> Tensor:
+        """Channel indices as the hard path reads them: int64 on ``device``."""
+        return torch.tensor(channels, dtype=torch.long, device=device)
 
     # ------------------------------------------------------------------ forward
     def _layout_gate(self, layout: Layout, keep: Tensor) -> Tensor:
@@ -452,6 +634,7 @@ class TwoPathNetwork(nn.Module):
 
     def prepare_soft(self, keep: Tensor) -> None:
         """Fill the path state with the soft gates of every gated layout."""
+        self._check_placement()
         self.state.gates = {layout: self._layout_gate(layout, keep) for layout in self._gated_layouts()}
 
     def _gated_layouts(self) -> tuple:
@@ -462,6 +645,7 @@ class TwoPathNetwork(nn.Module):
 
     def prepare_hard(self) -> None:
         """Fill the path state with the hard plan's channel selections of every layout."""
+        self._check_placement()
         self.state.selections = {layout: self._layout_selection(layout) for layout in self._hard_layouts()}
 
     def _hard_layouts(self) -> tuple:
@@ -601,6 +785,22 @@ def _fetch(module: nn.Module, target: str) -> Any:
     for part in target.split("."):
         obj = getattr(obj, part)
     return obj
+
+
+def _map_tensors(value: Any, fn: Callable[[Tensor], Tensor]) -> Any:
+    """``value`` with ``fn`` applied to every tensor in it, through nested dicts, lists and tuples (a container
+    holding no tensor is returned as it is)."""
+    if isinstance(value, Tensor):
+        return fn(value)
+    if isinstance(value, dict):
+        mapped = {k: _map_tensors(v, fn) for k, v in value.items()}
+        return value if all(mapped[k] is v for k, v in value.items()) else type(value)(mapped)
+    if isinstance(value, (list, tuple)):
+        mapped = [_map_tensors(v, fn) for v in value]
+        if all(a is b for a, b in zip(mapped, value)):
+            return value
+        return type(value)(*mapped) if hasattr(value, "_fields") else type(value)(mapped)
+    return value
 
 
 def _device_of(model: nn.Module) -> torch.device:

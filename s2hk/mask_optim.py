@@ -66,6 +66,11 @@ class MaskOptimizer:
         lr: learning rate at the weight optimiser's initial lr.
         flops_weight, tolerance, balance, max_scale: lambda, rho, beta and the optional cap.
         recenter: subtract each group's mean logit after the update.
+
+    It holds the logit parameter itself and no state on a device (the lr only), so moving the network needs
+    nothing from it beyond holding the right parameter: where a move replaces the parameter object (to or from
+    ``"meta"``, ``load_state_dict(assign=True)``), its owner points it at the new one
+    (:meth:`s2hk.S2HPruner._move_state`).
     """
 
     def __init__(self, logits: Tensor, layout: GateLayout, lr: float, flops_weight: float, tolerance: float,

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from .config import S2HConfig
 from .distributed import all_reduce_mean_
-from .engine import TwoPathNetwork
+from .engine import TensorMove, TwoPathNetwork
 from .mask_optim import MaskOptimizer
 from .routing import logit_gradients, route
 
@@ -206,7 +206,7 @@ class S2HPruner(TwoPathNetwork):
         """Mask logits, ranks, pinned widths, phase and hard-path BN statistics (the model's own weights are
         in ``model.state_dict()``)."""
         return {"mask_logits": self.mask_logits.detach().clone(), "ranks": self.ranks.clone(),
-                "pinned": {str(gi): (v if isinstance(v, int) else v.tolist()) for gi, v in self._pinned.items()},
+                "pinned": {str(gi): pin for gi, pin in self.pins().items()},
                 "phase": self.phase, "hard_bn": self.hard_norm_state(),
                 "mask_optimizer": self.mask_optimizer.state_dict(),
                 "groups": self._group_signature()}
@@ -227,12 +227,17 @@ class S2HPruner(TwoPathNetwork):
         with torch.no_grad():
             for current, saved in writes:
                 current.copy_(saved)
-        co = self.gate_layout.channel_offsets
-        self._orders = [torch.argsort(self.ranks[co[i]:co[i + 1]]) for i in range(len(self.prunable))]
-        self._ranked = True
+        self._orders_from_ranks()
         self.phase = state["phase"]
         self.mask_optimizer.load_state_dict(state["mask_optimizer"])
         self.set_pins({int(gi): v for gi, v in state["pinned"].items()})
+
+    def _move_state(self, move: TensorMove) -> None:
+        """The engine's state, and the mask optimiser pointed at the logits again: a move to or from ``"meta"``
+        (or torch's overwrite-on-conversion mode) and ``load_state_dict(assign=True)`` replace the parameter
+        object."""
+        super()._move_state(move)
+        self.mask_optimizer.logits = self.mask_logits
 
     def _group_signature(self) -> list[list]:
         return [[g.name, g.channels, d] for g, d in zip(self.prunable, self.gate_layout.granularities)]
