@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .distributed import all_reduce_mean_
-from .engine import TwoPathNetwork
+from .engine import TensorMove, TwoPathNetwork
 from .layers import GatedLinear, select
 from .s2h import S2HPruner
 
@@ -184,6 +184,12 @@ class CRSFPruner(TwoPathNetwork):
                                       for _, _, _, channels, _ in self._producers]
         self._taylor_steps = 0
         self.update_masks()
+
+    def _move_state(self, move: TensorMove) -> None:
+        """The engine's state, and the Taylor accumulators (float64 sums: placed, never rounded to the network's
+        dtype)."""
+        super()._move_state(move)
+        self._taylor = [move.place(t) for t in self._taylor]
 
     # ------------------------------------------------------------------ construction
     def _find_head(self) -> Optional[str]:
