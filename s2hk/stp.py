@@ -74,7 +74,7 @@ from torch import Tensor
 
 from .depth import Stage, find_stages, skip_blocks
 from .distributed import all_reduce_mean_
-from .engine import TwoPathNetwork
+from .engine import TensorMove, TwoPathNetwork
 from .s2h import S2HPruner
 
 __all__ = ["STPruner", "STPConfig", "Architecture", "check_options"]
@@ -442,6 +442,14 @@ class STPruner(TwoPathNetwork):
             replaced[block.add] = replaced.get(block.shortcut, block.shortcut)
         return list(replaced.items())
 
+    def _move_state(self, move: TensorMove) -> None:
+        """The engine's state, the remembered batches (network inputs: converted like the network) and no cached
+        hard-path graphs: they hold the two-path graph's attributes as they were before the move, and are rebuilt
+        on first use."""
+        super()._move_state(move)
+        self._memory = deque(((move.convert(x), move.convert(y)) for x, y in self._memory), maxlen=self._memory.maxlen)
+        self._depth_modules.clear()
+
     def _depth_module(self, adds: frozenset[str]) -> fx.GraphModule:
         """The two-path graph without the blocks closed by ``adds`` (shared layers; a small LRU cache)."""
         module = self._depth_modules.get(adds)
@@ -728,10 +736,11 @@ class STPruner(TwoPathNetwork):
                                  tuple(int(d) for d in state["best"]["depths"]))
         self.best_kd = float(state["best_kd"])
         self.epoch, self.steps, self.phase = int(state["epoch"]), int(state["steps"]), state["phase"]
-        self.generator.set_state(state["generator"])
+        self.generator.set_state(state["generator"].cpu())  # a CPU generator, whatever map_location loaded it to
+        move = self._load_move()
         self._memory.clear()
         for x, y in state["memory"]:
-            self._memory.append((x, y))
+            self._memory.append((move.convert(x), move.convert(y)))
         self._pin(self.best)
 
 
