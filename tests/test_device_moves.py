@@ -36,7 +36,8 @@ NUM_CLASSES = 5
 
 _ATOMS = (str, bytes, int, float, bool, complex, type(None), type, types.FunctionType, types.BuiltinFunctionType,
           types.MethodType, types.ModuleType, types.MethodDescriptorType, types.WrapperDescriptorType,
-          types.MethodWrapperType, types.GetSetDescriptorType, torch.dtype, torch.device, torch.Generator)
+          types.MethodWrapperType, types.GetSetDescriptorType, torch.dtype, torch.device,
+          torch.Generator)  # not a tensor: STP samples on the host with a CPU generator wherever the network is
 
 
 def reachable_tensors(root: Any) -> list[tuple[str, Tensor]]:
@@ -180,7 +181,6 @@ def build_swin() -> Case:
     """A transformer whose graph reads the model's tensors directly (relative position tables and indices,
     window masks) and holds fx tensor constants: attributes the two traced graphs share with the model."""
     x, y = _batch(2, 16)
-    torch.manual_seed(0)
     model = get_model("swin_tiny_cifar", depths=(2, 2), num_heads=(3, 6), embed_dim=24, image_size=16,
                       num_classes=NUM_CLASSES)
     p = S2HPruner(model, x[:1], target_flops=0.5)
@@ -211,7 +211,6 @@ def build_sfp() -> Case:
 def build_stp() -> Case:
     """Two stages of two blocks: the pinned best architecture skips a block (a cached hard-path graph)."""
     x, y = _batch(8, 8)
-    torch.manual_seed(0)
     model = ResNet(BasicBlock, (2, 2), widths=(8, 16), num_classes=NUM_CLASSES, stem_width=8)
     p = STPruner(model, x[:1], target_flops=0.5, granularity=2, population=2, generations=0,
                  held_out_batches=1, calibration_batches=1)
@@ -243,7 +242,7 @@ WITH_STATE = [name for name in BUILDERS if name != "engine"]  # methods with a p
 
 
 def build(name: str) -> Case:
-    torch.manual_seed(0)
+    torch.manual_seed(0)  # the same weights for every build of a name
     return BUILDERS[name]()
 
 
@@ -272,34 +271,27 @@ def test_move_to_meta_leaves_no_tensor_on_the_cpu(name):
 
 
 def test_tensors_shared_by_the_model_and_the_traced_graphs_stay_shared():
-    """The graph of a transformer reads the model's own tensors (get_attr): the model, the two-path graph and
-    the graph the export reads must keep holding the same objects after moves."""
+    """The graph of a transformer reads the model's own tensors (get_attr), and fx keeps the tensor constants
+    it traced on the model too: the model, the two-path graph and the graph the export reads must keep holding
+    the same objects after moves."""
     p = build("swin").pruner
 
     def holders() -> list[list[Any]]:
-        out = []
-        for node in p.graph_module.graph.nodes:
-            if node.op == "get_attr":
-                target = str(node.target)
-                objs = [_fetch(p.graph_module, target), _fetch(p.analysis.graph_module, target)]
-                in_model = _fetch(p.model, target, None)
-                out.append(objs + ([in_model] if in_model is not None else []))
-        return out
+        targets = [str(n.target) for n in p.graph_module.graph.nodes if n.op == "get_attr"]
+        return [[o for o in (_resolve(p.graph_module, t), _resolve(p.analysis.graph_module, t), _resolve(p.model, t))
+                 if o is not None] for t in targets]
 
-    before = holders()
-    assert before and all(o is group[0] for group in before for o in group)
+    assert holders() and all(len(group) == 3 and all(o is group[0] for o in group) for group in holders())
     for move in (lambda: p.to(torch.float64), lambda: p.to("meta")):
         move()
-        assert all(o is group[0] for group in holders() for o in group)
+        assert all(len(group) == 3 and all(o is group[0] for o in group) for group in holders())
     assert off_meta(p) == []
 
 
-def _fetch(module: Any, target: str, default: Any = ...) -> Any:
-    obj = module
+def _resolve(obj: Any, target: str) -> Any:
+    """The attribute at the dotted ``target`` of ``obj``, or None where there is none."""
     for part in target.split("."):
-        if default is not ... and not hasattr(obj, part):
-            return default
-        obj = getattr(obj, part)
+        obj = getattr(obj, part, None)
     return obj
 
 
