@@ -5,7 +5,7 @@
 
 Default workloads: resnet50 at 32 px (CIFAR stem, batch 256) and at 224 px (ImageNet stem, batch 128),
 resnet56 at 32 px (batch 256). On CUDA: bf16 autocast, channels_last, cuDNN autotuning, TF32 on. On CPU: float32
-(``--precision bf16`` for bf16 autocast), contiguous tensors.
+(``--precision bf16`` for bf16 autocast), contiguous tensors, one intra-op thread (``--threads``).
 
 Per workload, timed in turn round by round (:func:`s2hk.benchmarking.time_interleaved_samples`):
 
@@ -164,7 +164,8 @@ def run_workload(ctx: Context, model_name: str, image_size: int, batch_size: int
     A step kind that fails (building it, its first call, its memory or launch count, the unpinned phase) is
     recorded under ``errors`` and left out; the others are still measured, and figures needing it are None."""
     from s2hk.benchmarking import (count_launches, dense_step, device_name, input_grad_backward, narrow_step,
-                                   peak_memory, pinned_models, s2hk_step, time_interleaved_samples, time_once)
+                                   peak_memory, pinned_models, s2hk_step, time_interleaved_samples, time_once,
+                                   utc_now, versions)
     from s2hk.models import get_model
 
     from naive_two_pass import NaiveS2HPruner
@@ -266,7 +267,8 @@ def run_workload(ctx: Context, model_name: str, image_size: int, batch_size: int
                     "full width (r = 1), so this separates re-autotuning and plan changes from the wider hard path")]
     return {
         "model": model_name, "stem": stem, "image_size": image_size, "batch_size": batch_size,
-        "device": device, "device_name": device_name(device), "num_classes": num_classes,
+        "device": device, "device_name": device_name(device), "versions": versions(), "date_utc": utc_now(),
+        "num_classes": num_classes,
         "precision": "bf16 autocast" if ctx.bf16 else "float32",
         "memory_format": "channels_last" if ctx.cuda else "contiguous",
         "target_flops": ctx.target, "hard_flops_ratio": r, "dense_forward_flops_per_image": flops,
@@ -368,7 +370,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="steps of the unpinned joint phase (default: 50 cuda, 3 cpu)")
     parser.add_argument("--precision", choices=("bf16", "fp32"), default=None,
                         help="bf16 autocast or float32 (default: bf16 on cuda, fp32 on cpu)")
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch intra-op threads (default: torch's on cuda; 1 on cpu, where this script is a "
+                             "smoke run: on shared cores tiny ops on two threads wait for each other)")
     parser.add_argument("--no-launches", action="store_true", help="skip the profiler's launch counts")
     parser.add_argument("--deadline-s", type=float, default=None,
                         help="seconds from the script's start after which no workload starts; the JSON holds what "
@@ -429,8 +433,9 @@ def main(argv=None) -> int:
         print("bench/gpu_e2e.py --device cuda needs a CUDA device, but torch.cuda.is_available() is False here "
               f"(torch {torch.__version__}); use --device cpu for the smoke run.", file=sys.stderr)
         return 2
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    threads = args.threads or (None if args.device == "cuda" else 1)
+    if threads:
+        torch.set_num_threads(threads)
     from s2hk.benchmarking import device_name, machine_description, measure_bf16_peak, utc_now, versions
 
     cuda = args.device == "cuda"

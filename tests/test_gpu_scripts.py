@@ -27,9 +27,9 @@ SMOKE = ["--device", "cpu", "--model", "resnet56", "--sizes", "32", "--batch-siz
 # ------------------------------------------------------------------------------------------ gpu_e2e.py
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory) -> dict:
-    """The CPU smoke run, as CI runs it (one intra-op thread here, the cores being shared)."""
+    """The CPU smoke run, as CI runs it."""
     out = tmp_path_factory.mktemp("e2e") / "e2e.json"
-    proc = subprocess.run([sys.executable, "bench/gpu_e2e.py", *SMOKE, "--threads", "1", "--json", str(out)],
+    proc = subprocess.run([sys.executable, "bench/gpu_e2e.py", *SMOKE, "--json", str(out)],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "resnet56 32px batch 4" in proc.stdout
@@ -40,11 +40,13 @@ def test_e2e_smoke_names_device_versions_and_settings(smoke):
     assert smoke["device"] == "cpu" and smoke["device_name"]
     assert smoke["versions"]["torch"] and "triton" in smoke["versions"] and smoke["date_utc"].endswith("Z")
     assert smoke["settings"]["precision"] == "float32" and smoke["settings"]["unpinned_steps"] == 3
+    assert smoke["settings"]["threads"] == 1
     assert smoke["bf16_peak"]["tflops"] is None
     assert smoke["complete"] and not smoke["errors"] and not smoke["skipped"]
     (res,) = smoke["results"]
     assert (res["model"], res["image_size"], res["batch_size"], res["device_name"]) == \
         ("resnet56", 32, 4, smoke["device_name"])
+    assert res["versions"] == smoke["versions"] and res["date_utc"].endswith("Z")
 
 
 def test_e2e_smoke_figures_follow_from_the_times(smoke):
