@@ -159,9 +159,10 @@ def decoupled_kd(soft_logits: Tensor, hard_logits: Tensor, temperature: float = 
     Returns:
         :class:`DecoupledKD`: ``loss_hard ()``, ``loss_soft ()``, ``grad_hard (N, K)``, ``grad_soft (N, K)``.
     """
+    if soft_logits.dtype in (torch.float16, torch.bfloat16):
+        # a KL of 16-bit log-probabilities can come out negative; every implementation computes in float32
+        soft_logits, hard_logits = soft_logits.float(), hard_logits.float()
     if dispatch.choose("decoupled_kd", soft_logits.device, ("cpp",)) == "cpp":
-        if soft_logits.dtype in (torch.float16, torch.bfloat16):
-            soft_logits, hard_logits = soft_logits.float(), hard_logits.float()
         losses, grad_hard, grad_soft = torch.ops.s2hk.decoupled_kd(soft_logits.detach(), hard_logits.detach(),
                                                                    float(temperature), float(alpha))
         # Two autograd nodes, one per term: G_s's backward must never enter the hard network (not even with
