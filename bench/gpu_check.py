@@ -248,7 +248,8 @@ def test_command(info: dict, junit: Path, per_test: float, workers: Optional[int
         cmd.append("--benchmark-disable")
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
-    env.pop("S2HK_IMPL", None)
+    for name in ("S2HK_IMPL", "S2HK_CHECK_TIMEOUT", "S2HK_CHECK_LOG"):  # nothing from a check this one runs in
+        env.pop(name, None)
     # this module as a plugin of every pytest process, the xdist workers included (they inherit the environment)
     env["PYTEST_PLUGINS"] = ",".join([p for p in env.get("PYTEST_PLUGINS", "").split(",") if p] + ["bench.gpu_check"])
     chosen = {"paths": paths, "timeout_per_test_s": per_test,
@@ -499,7 +500,7 @@ def table(record: dict) -> str:
     if bad:
         lines.append("")
         lines.append(f"failed tests ({len(bad)}; all in the JSON):")
-        lines += [f"  {f['test']}: {f['message'][:160]}" for f in bad[:15]]
+        lines += [f"  {f['test']}: {' '.join(f['message'].split())[:160]}" for f in bad[:15]]
     for nodeid in (tests.get("unfinished_tests") or [])[:10]:
         lines.append(f"  still running at the end: {nodeid}")
     return "\n".join(lines)

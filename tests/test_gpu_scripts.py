@@ -202,7 +202,8 @@ def test_check_parses_a_progress_log_cut_short(tmp_path):
     assert summary["source"].startswith("progress log") and summary["unfinished_tests"] == ["a.py::running"]
 
 
-def test_check_test_command_degrades_without_plugins(tmp_path):
+def test_check_test_command_degrades_without_plugins(tmp_path, monkeypatch):
+    monkeypatch.setenv("S2HK_CHECK_TIMEOUT", "5")  # as inside a check's own test run: not passed on
     none = {"pytest": True, "xdist": False, "pytest_timeout": False, "pytest_benchmark": False}
     cmd, env, chosen = gpu_check.test_command({"plugins": none}, tmp_path / "j.xml", 90, 16)
     assert "-n" not in cmd and "--benchmark-disable" not in cmd and not any(c.startswith("--timeout") for c in cmd)
