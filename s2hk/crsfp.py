@@ -340,7 +340,10 @@ class CRSFPruner(TwoPathNetwork):
         return super().forward(*inputs, path=path)
 
     # ------------------------------------------------------------------ evaluation
-    recalibrate_bn = S2HPruner.recalibrate_bn
+    def recalibrate_bn(self, batches: Iterable, num_batches: int = 200) -> int:
+        """Re-estimate the BatchNorm statistics of the R-NN (the model's own) and of the P-NN (the hard
+        path's) from up to ``num_batches`` training batches; returns the number of batches used."""
+        return self.recalibrate_norms(batches, num_batches, ("dense", "hard"))
 
     @torch.no_grad()
     def evaluate(self, batches: Iterable, paths: tuple = ("dense", "hard")) -> dict[str, float]:

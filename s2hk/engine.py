@@ -726,6 +726,55 @@ class TwoPathNetwork(nn.Module):
 
         return export_hard_network(self)
 
+    @torch.no_grad()
+    def recalibrate_norms(self, batches: Iterable, num_batches: int, paths: Sequence[str]) -> int:
+        """Re-estimate the BatchNorm running statistics that each of ``paths`` evaluates with, as the plain
+        average over up to ``num_batches`` batches (train mode, no gradient): "soft" or "dense" (one of them:
+        they share the model's own statistics), and "hard" (the hard path's). Statistics an EMA gathered while
+        the network changed -- the gates falling, the kept channels moving -- belong to no network; evaluating
+        with them can put an accurate network at chance. ``batches`` yields ``(x, ...)``; returns the number of
+        batches used (0 leaves every statistic as it was)."""
+        if len([p for p in paths if p in ("soft", "dense")]) > 1:
+            raise ValueError(f"the soft and dense paths share their statistics: re-estimate one of them, got {paths}")
+        if num_batches <= 0:
+            return 0
+        hard = [w for w in self.wrappers.values() if getattr(w, "hard_running_mean", None) is not None]
+        modules = list(dict.fromkeys(w.module for w in hard))  # a layer called twice has two wrappers
+        saved = [(m, m.momentum) for m in modules]
+        was_training = self.training
+        self.train()
+        try:
+            if "hard" in paths:
+                for w in hard:
+                    w.hard_running_mean.zero_()
+                    w.hard_running_var.fill_(1.0)
+                    w.hard_num_batches_tracked.zero_()
+            if any(p in ("soft", "dense") for p in paths):
+                for m in modules:
+                    m.reset_running_stats()
+            for m, _ in saved:
+                m.momentum = None  # cumulative average
+            if "soft" in paths:
+                keep, _ = self.gates()
+                self.prepare_soft(keep)
+            if "hard" in paths:
+                self.prepare_hard()
+            used = 0
+            device = self.mask_logits.device
+            for batch in batches:
+                if used >= num_batches:
+                    break
+                x = batch[0]
+                x = x[0] if isinstance(x, (tuple, list)) else x
+                for path in paths:
+                    self.run(path, x.to(device))
+                used += 1
+        finally:
+            for m, momentum in saved:
+                m.momentum = momentum
+            self.train(was_training)
+        return used
+
     def hard_norm_state(self) -> dict[str, dict[str, Tensor]]:
         """Copies of the hard path's BatchNorm statistics (``hard_running_mean`` / ``_var`` /
         ``_num_batches_tracked``) of every norm call that tracks them, by node name: part of a pruning state."""

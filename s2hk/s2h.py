@@ -146,32 +146,11 @@ class S2HPruner(TwoPathNetwork):
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
     def recalibrate_bn(self, batches: Iterable, num_batches: int = 200) -> int:
-        """Re-estimate the hard path's BatchNorm statistics from up to ``num_batches`` training batches
-        (cumulative average, no gradient); returns the number of batches used."""
-        norms = [w for w in self.wrappers.values() if getattr(w, "hard_running_mean", None) is not None]
-        saved = [(w.module.momentum, w.module.training) for w in norms]
-        was_training = self.training
-        self.train()
-        for w in norms:
-            w.hard_running_mean.zero_()
-            w.hard_running_var.fill_(1.0)
-            w.hard_num_batches_tracked.zero_()
-            w.module.momentum = None
-        used = 0
-        try:
-            self.prepare_hard()
-            for batch in batches:
-                if used >= num_batches:
-                    break
-                x = batch[0]
-                x = x[0] if isinstance(x, (tuple, list)) else x
-                self.run("hard", x.to(self.mask_logits.device))
-                used += 1
-        finally:
-            for w, (momentum, _) in zip(norms, saved):
-                w.module.momentum = momentum
-            self.train(was_training)
-        return used
+        """Re-estimate the BatchNorm statistics of both networks :meth:`evaluate` tests -- the soft one (the
+        model's own statistics, at the current keep-probabilities) and the hard one -- from up to
+        ``num_batches`` training batches (:meth:`~s2hk.engine.TwoPathNetwork.recalibrate_norms`); returns the
+        number of batches used."""
+        return self.recalibrate_norms(batches, num_batches, ("soft", "hard"))
 
     @torch.no_grad()
     def evaluate(self, batches: Iterable, paths: tuple = ("soft", "hard")) -> dict[str, float]:

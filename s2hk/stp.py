@@ -580,11 +580,12 @@ class STPruner(TwoPathNetwork):
             raise RuntimeError("no remembered training batches: run train_step first")
         was_training = self.training
         try:
-            self.eval()
             if teacher is None:
+                self.recalibrate_norms(calib, len(calib), ("dense",))
+                self.eval()
                 teacher = self._teacher(held)
             self._pin(arch)
-            self.recalibrate_bn(calib, len(calib))
+            self.recalibrate_norms(calib, len(calib), ("hard",))
             self.eval()
             self.prepare_hard()
             t = self.config.kd_temperature
@@ -607,6 +608,7 @@ class STPruner(TwoPathNetwork):
         if not held or not (self.prunable or self.stages):
             return None
         was_training = self.training
+        self.recalibrate_norms(calib, len(calib), ("dense",))  # the teacher with statistics of its own
         self.eval()
         teacher = self._teacher(held)
         self.train(was_training)
@@ -668,13 +670,17 @@ class STPruner(TwoPathNetwork):
 
     # ------------------------------------------------------------------ evaluation / export
     def recalibrate_bn(self, batches: Iterable, num_batches: int = 200) -> int:
-        """Re-estimate the hard path's BatchNorm statistics of the pinned architecture from up to
-        ``num_batches`` batches (:meth:`S2HPruner.recalibrate_bn <s2hk.s2h.S2HPruner.recalibrate_bn>`); the
-        norms of skipped blocks do not run and keep their statistics. Returns the number of batches used."""
+        """Re-estimate the BatchNorm statistics of the full network (the model's own) and of the pinned
+        subnet (the hard path's) from up to ``num_batches`` batches; returns the number of batches used."""
+        return self.recalibrate_norms(batches, num_batches, ("dense", "hard"))
+
+    def recalibrate_norms(self, batches: Iterable, num_batches: int, paths: Sequence[str]) -> int:
+        """:meth:`TwoPathNetwork.recalibrate_norms <s2hk.engine.TwoPathNetwork.recalibrate_norms>`, except
+        that the hard-path norms of skipped blocks, which do not run, keep their statistics."""
         skipped = [self.wrappers[n] for n in self._skipped_nodes
                    if getattr(self.wrappers.get(n), "hard_running_mean", None) is not None]
         saved = [[b.clone() for b in _hard_stats(w)] for w in skipped]
-        used = S2HPruner.recalibrate_bn(self, batches, num_batches)
+        used = super().recalibrate_norms(batches, num_batches, paths)
         with torch.no_grad():
             for w, values in zip(skipped, saved):
                 for buffer, value in zip(_hard_stats(w), values):

@@ -311,7 +311,7 @@ def test_set_phase_rejects_unknown_phase():
 
 # ----------------------------------------------------------------------------------------- BN and evaluation
 
-def test_recalibrate_bn_re_estimates_only_the_hard_statistics():
+def test_recalibrate_bn_re_estimates_the_soft_and_the_hard_statistics():
     pruner = make(logits=2.0, seed=2)
     opt = torch.optim.SGD(pruner.weight_parameters(), lr=0.1)
     for step in range(2):
@@ -327,12 +327,13 @@ def test_recalibrate_bn_re_estimates_only_the_hard_statistics():
     assert used == 3
     assert not pruner.training
     assert pruner.model.b1.momentum == 0.1 and pruner.model.b2.momentum == 0.1
-    assert equal_dicts(module_stats(pruner.model), stats)
     state = pruner.model.state_dict()
-    assert all(torch.equal(state[k], v) for k, v in weights.items())
+    assert all(torch.equal(state[k], v) for k, v in weights.items() if k not in stats)
+    assert not equal_dicts(module_stats(pruner.model), stats)
 
     P = params_of(pruner.model)
     means1, vars1, means2, vars2 = [], [], [], []
+    soft_stats = [[], [], [], []]  # running mean and variance of b1, b2
     with torch.no_grad():
         for x, _ in batches[:3]:
             _, z1, z2 = hand_hard(P, x, *kept)
@@ -340,6 +341,17 @@ def test_recalibrate_bn_re_estimates_only_the_hard_statistics():
             vars1.append(z1.var((0, 2, 3), unbiased=True))
             means2.append(z2.mean((0, 2, 3)))
             vars2.append(z2.var((0, 2, 3), unbiased=True))
+            # the soft network at its keep-probabilities: BN(z) * w folded into the affine parameters
+            s1 = F.conv2d(x, P["W1"], padding=1)
+            a1 = F.relu(bn(s1, P["g1"] * g1["w"], P["b1"] * g1["w"]))
+            s2 = F.conv2d(a1, P["W2"], padding=1)
+            for i, v in enumerate((s1.mean((0, 2, 3)), s1.var((0, 2, 3), unbiased=True),
+                                   s2.mean((0, 2, 3)), s2.var((0, 2, 3), unbiased=True))):
+                soft_stats[i].append(v)
+    module = module_stats(pruner.model)
+    for key, values in zip(("b1.running_mean", "b1.running_var", "b2.running_mean", "b2.running_var"), soft_stats):
+        torch.testing.assert_close(module[key], torch.stack(values).mean(0), rtol=1e-12, atol=1e-14)
+    assert int(module["b1.num_batches_tracked"]) == int(module["b2.num_batches_tracked"]) == 3
     new = hard_buffers(pruner)
     s1, s2 = torch.tensor(kept[0]), torch.tensor(kept[1])
     for name, sel, means, variances in (("b1", s1, means1, vars1), ("b2", s2, means2, vars2)):
