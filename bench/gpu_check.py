@@ -12,8 +12,8 @@ In order, each step given what is left of the deadline:
    --no-build-isolation --no-index -e .``), its time, and whether ``s2hk._C`` then loads with its CUDA ops;
 3. tests: ``pytest tests bench --benchmark-disable`` (``bench`` only where pytest-benchmark is installed), in
    parallel with pytest-xdist where installed (else serially), each test under a time limit (pytest-timeout
-   where installed, else this module's own pytest plugin, below) and ``faulthandler_timeout`` for the stacks
-   of a hung test. Counts, failures, crashed workers and timed-out tests are read from ``--junitxml``; if the
+   where installed, else this module's own pytest plugin, below) and ``faulthandler_timeout`` (10 s later)
+   for the stacks of a test hung in native code. Counts, failures, crashed workers and timed-out tests are read from ``--junitxml``; if the
    run is cut short, from the plugin's progress log instead, which also names the tests still running then;
 4. e2e: ``bench/gpu_e2e.py`` with the time left (``--deadline-s``); on a machine without CUDA, its CPU smoke
    size instead.
@@ -243,7 +243,9 @@ def test_command(info: dict, junit: Path, per_test: float, workers: Optional[int
     if default:
         paths = ["tests"] + (["bench"] if plugins.get("pytest_benchmark") else [])
     cmd = [sys.executable, "-m", "pytest", *paths, "-q", "-rfE", "-p", "no:cacheprovider", f"--junitxml={junit}",
-           "-o", f"faulthandler_timeout={max(1, round(per_test))}"]
+           # stacks of a test hung in native code, which no alarm interrupts; later than the timeout itself,
+           # since faulthandler reading the stack while the alarm unwinds it can crash the interpreter
+           "-o", f"faulthandler_timeout={round(per_test) + 10}"]
     if "bench" in paths and plugins.get("pytest_benchmark"):
         cmd.append("--benchmark-disable")
     env = dict(os.environ)
@@ -469,6 +471,8 @@ def table(record: dict) -> str:
             r = s.get("result") or {}
             detail = (f"{len(r.get('results', []))} workloads, {len(r.get('skipped', []))} skipped, "
                       f"{len(r.get('errors', []))} errors")
+        if s.get("error"):
+            detail = s["error"][:160]
         rows.append((name, s.get("status", "?"), _f(s.get("seconds"), ".0f"), detail))
     lines += _columns(rows)
     e2e = (steps.get("e2e") or {}).get("result") or {}
@@ -574,7 +578,7 @@ def main(argv=None) -> int:
             record["steps"]["build"] = {"status": "skipped", "reason": "--dry-run" if args.dry_run else "--skip-build"}
         else:
             budget = min(300.0, left() - (0 if args.skip_e2e else args.e2e_s) - 60.0)
-            record["steps"]["build"] = build(info, max(30.0, budget), logs) if budget > 0 else {
+            record["steps"]["build"] = guarded(build, info, max(30.0, budget), logs) if budget > 0 else {
                 "status": "skipped", "reason": f"deadline ({left():.0f} s left)"}
             print(f"build: {record['steps']['build']['status']} "
                   f"({_f(record['steps']['build'].get('seconds'), '.0f')} s)", flush=True)
@@ -584,8 +588,8 @@ def main(argv=None) -> int:
         else:
             budget = left() - (0 if args.skip_e2e else args.e2e_s) - 10.0
             if budget > 30:
-                record["steps"]["tests"] = run_tests(info, budget, logs, args.test_timeout, args.workers,
-                                                     args.test_paths)
+                record["steps"]["tests"] = guarded(run_tests, info, budget, logs, args.test_timeout, args.workers,
+                                                   args.test_paths)
             else:
                 record["steps"]["tests"] = {"status": "skipped", "reason": f"deadline ({left():.0f} s left)"}
             t = record["steps"]["tests"]
@@ -594,8 +598,9 @@ def main(argv=None) -> int:
         if args.skip_e2e:
             record["steps"]["e2e"] = {"status": "skipped", "reason": "--skip-e2e"}
         elif left() > 40:
-            record["steps"]["e2e"] = run_e2e(info, left() - 10.0, logs, args.e2e_args.split())
-            print(f"e2e: {record['steps']['e2e']['status']} ({record['steps']['e2e']['seconds']:.0f} s)", flush=True)
+            record["steps"]["e2e"] = guarded(run_e2e, info, left() - 10.0, logs, args.e2e_args.split())
+            print(f"e2e: {record['steps']['e2e']['status']} ({_f(record['steps']['e2e'].get('seconds'), '.0f')} s)",
+                  flush=True)
         else:
             record["steps"]["e2e"] = {"status": "skipped", "reason": f"deadline ({left():.0f} s left)"}
     except Interrupted as why:
@@ -612,6 +617,19 @@ def main(argv=None) -> int:
         print(f"wrote {out_path}" + (f" (and {len(copied)} files to $OUT)" if copied else ""))
     print(table(record), flush=True)
     return 0 if record["ok"] else 1
+
+
+def guarded(fn, *args) -> dict:
+    """``fn(*args)``; an unexpected exception becomes the step's record (status "error") instead of ending the
+    check before its JSON and table."""
+    try:
+        return fn(*args)
+    except Interrupted:
+        raise
+    except Exception as err:
+        import traceback
+
+        return {"status": "error", "error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()}
 
 
 def copy_out(out_path: Optional[Path], logs: Path) -> list[str]:
@@ -635,7 +653,8 @@ def copy_out(out_path: Optional[Path], logs: Path) -> list[str]:
 
 
 # ================================================================================================ pytest plugin
-# Loaded through PYTEST_PLUGINS=bench.gpu_check by the test step; hooks act only when their environment variables are set.
+# Loaded through PYTEST_PLUGINS=bench.gpu_check by the test step; its hooks act only when their environment
+# variables are set.
 _plugin: dict[str, Any] = {"runs_tests": False, "logs": False, "deadline": None, "timeout": None}
 
 

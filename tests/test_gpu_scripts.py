@@ -209,7 +209,7 @@ def test_check_test_command_degrades_without_plugins(tmp_path, monkeypatch):
     assert "-n" not in cmd and "--benchmark-disable" not in cmd and not any(c.startswith("--timeout") for c in cmd)
     assert chosen["paths"] == ["tests"] and chosen["workers"] == 1 and "pytest-benchmark" in chosen["bench_note"]
     assert env["S2HK_CHECK_TIMEOUT"] == "90" and "bench.gpu_check" in env["PYTEST_PLUGINS"]
-    assert f"--junitxml={tmp_path / 'j.xml'}" in cmd and "faulthandler_timeout=90" in cmd
+    assert f"--junitxml={tmp_path / 'j.xml'}" in cmd and "faulthandler_timeout=100" in cmd
     every = dict.fromkeys(none, True)
     cmd, env, chosen = gpu_check.test_command({"plugins": every}, tmp_path / "j.xml", 90, 16)
     assert cmd[cmd.index("-n") + 1] == "16" and "--timeout=90" in cmd and "--benchmark-disable" in cmd
