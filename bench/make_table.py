@@ -131,14 +131,21 @@ def _ms(seconds: Optional[float]) -> Optional[float]:
 
 
 def gpu_table(data: dict) -> str:
-    peak = data["bf16_peak"]
-    return (f"**GPU end to end** (bf16 autocast, channels_last; measured bf16 matmul peak {peak['tflops']:.0f} "
-            "TFLOP/s)\n\n"
+    """The end-to-end table of bench/gpu_e2e.py (GPU or its CPU smoke mode, where no peak is measured)."""
+    peak = (data.get("bf16_peak") or {}).get("tflops")
+    where = f"measured bf16 matmul peak {peak:.0f} TFLOP/s" if peak else "no bf16 peak measured on this device"
+    settings = data.get("settings") or {}
+    precision = settings.get("precision", "bf16 autocast")
+    return (f"**End to end on {data.get('device_name', 'the device')}** ({precision}; {where}; targets: s2hk pinned "
+            "/ floor and unpinned / pinned as stated per row)\n\n"
             + _table(["model", "image", "batch", "r", "s2hk img/s", "s2hk TFLOP/s", "% of peak", "dense img/s",
-                      "dense % of peak", "s2hk / dense", "floor / dense", "s2hk / floor"],
+                      "s2hk / dense", "floor / dense", "s2hk / floor", "target", "unpinned / pinned",
+                      "two-pass / dense"],
                      [[i["model"], i["image_size"], i["batch_size"], i["hard_flops_ratio"], i["s2hk_images_per_s"],
-                       i["s2hk_tflops"], i["s2hk_percent_of_peak"], i["dense_images_per_s"],
-                       i["dense_percent_of_peak"], i["s2hk_over_dense"], i["floor_over_dense"], i["s2hk_over_floor"]]
+                       i["s2hk_tflops"], i.get("s2hk_percent_of_peak"), i["dense_images_per_s"],
+                       i["s2hk_over_dense"], i["floor_over_dense"], i["s2hk_over_floor"],
+                       i.get("pinned_target_over_floor"), i.get("unpinned_mean_over_pinned_mean"),
+                       i.get("naive_over_dense")]
                       for i in data["results"]]))
 
 

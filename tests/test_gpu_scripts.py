@@ -93,6 +93,15 @@ def test_e2e_smoke_figures_follow_from_the_times(smoke):
                                                        for k in ("dense", "narrow", "input_grad"))
 
 
+def test_e2e_results_render_as_a_table(smoke):
+    import make_table
+
+    text = make_table.markdown(smoke)
+    row = [line for line in text.splitlines() if line.startswith("| resnet56 |")]
+    assert len(row) == 1 and "no bf16 peak measured" in text
+    assert f"{smoke['results'][0]['s2hk_over_floor']:.3g}" in row[0]
+
+
 def test_e2e_workloads_and_targets():
     assert gpu_e2e.workloads(None, None, None) == [("resnet50", 32, 256), ("resnet50", 224, 128),
                                                    ("resnet56", 32, 256)]
