@@ -7,6 +7,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Mapping, Optional
 
+from .flops import FLOPS_SCOPES
+
 __all__ = ["S2HConfig", "KD_MODES"]
 
 KD_MODES = ("decoupled", "unidirectional", "mutual", "none")
@@ -29,6 +31,12 @@ class S2HConfig:
         max_choices: bound on width choices per group for the default granularity.
         importance: "dynamic" (re-rank channels by filter L1 norm every step) or "frozen" (rank once).
         flops_weight: lambda of R = lambda * (F / F_full - T)^2.
+        flops_scope: what the FLOPs ratio of R and of the reported ``*_flops_ratio`` metrics counts
+            (:data:`s2hk.flops.FLOPS_SCOPES`): "all" (default: every conv, linear and matmul, stem and classifier
+            included -- the report's counter, ALGORITHMS.md §4) or "prunable" (only the layers whose width can
+            change, stem and classifier out -- how the S2HPruner authors' regulariser counts, so their nominal
+            targets compare). The hard network's ratio under the other scope is reported too
+            (``hard_flops_ratio_prunable`` / ``hard_flops_ratio_all``).
         tolerance: rho, the band around the target in which the FLOPs gradient fades.
         balance: beta, the data / FLOPs gradient balance factor.
         max_balance_scale: optional cap on the balancing up-scale factor (None: uncapped, as specified).
@@ -36,6 +44,14 @@ class S2HConfig:
             lr schedule (scaled by lr / initial_lr). Our choice: 20, measured on the embedded job (resnet56,
             digits, 264 steps) to bring the max-initialised logits (u_L ~ 5) to the target within the first
             half of the joint phase; longer runs (ImageNet: thousands of steps per epoch) want a smaller one.
+        mask_momentum, mask_nesterov, mask_weight_decay: the mask optimiser's SGD settings on the logits, with
+            torch.optim.SGD's semantics (weight decay added to the balanced gradient, then momentum, Nesterov's
+            look-ahead). The S2HPruner authors' mask optimiser has all three.
+        task_grad_scale: with kd="decoupled", rescale each group's dL/du to ``task_grad_scale * ||dG_s/du||``
+            before forming g_D = dG_s/du + dL/du (the authors' ``sup_soft_dis_scale``): the task loss then moves
+            the masks in proportion to what the hard network teaches them, whatever the loss scales. None: the
+            raw sum (the spec's g_D); 0: dL/du left out. Other kd modes have no separate dG_s/du and use the
+            raw data gradient.
         recenter: subtract each group's mean logit after every update (softmax is shift-invariant).
         fused_paths: run both paths in one traversal so fused dual-path kernels can share launches; same
             results (:meth:`s2hk.engine.TwoPathNetwork.run_dual`; only where the hard path runs: kd != "none").
@@ -58,6 +74,11 @@ class S2HConfig:
     balance: float = 1.0
     max_balance_scale: Optional[float] = None
     mask_lr: float = 20.0
+    mask_momentum: float = 0.0
+    mask_nesterov: bool = False
+    mask_weight_decay: float = 0.0
+    task_grad_scale: Optional[float] = None
+    flops_scope: str = "all"
     recenter: bool = False
     fused_paths: bool = False
     prune_embedding: bool = False
@@ -76,9 +97,19 @@ class S2HConfig:
         for name in ("tau", "kd_temperature", "tolerance"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        for name in ("warmup_epochs", "joint_epochs", "hard_epochs"):
+        for name in ("warmup_epochs", "joint_epochs", "hard_epochs", "mask_lr", "mask_weight_decay"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0.0 <= self.mask_momentum < 1.0:
+            raise ValueError(f"mask_momentum must be in [0, 1), got {self.mask_momentum}")
+        if self.mask_nesterov and self.mask_momentum == 0:
+            raise ValueError("mask_nesterov needs mask_momentum > 0 (Nesterov's look-ahead is along the momentum)")
+        if self.task_grad_scale is not None and not 0.0 <= self.task_grad_scale < float("inf"):
+            raise ValueError(f"task_grad_scale must be None or a finite number >= 0, got {self.task_grad_scale}")
+        if self.max_balance_scale is not None and not self.max_balance_scale >= 1.0:
+            raise ValueError(f"max_balance_scale caps an up-scaling factor: None or >= 1, got {self.max_balance_scale}")
+        if self.flops_scope not in FLOPS_SCOPES:
+            raise ValueError(f"flops_scope must be one of {FLOPS_SCOPES}, got {self.flops_scope!r}")
         self.ignore = tuple(self.ignore)
 
     @classmethod
