@@ -1,26 +1,43 @@
-"""Fused BatchNorm + per-channel gate + activation + residual add, forward and backward.
+"""Fused BatchNorm + per-channel gate + activation (+ residual add), forward and backward.
 
-    y = act(BN(x) * w + residual),   BN(x) = (x - mean) * rstd * gamma + beta,   act in relu | hardswish | identity
+    y = act(BN(x) * w + residual),   BN(x) = xhat * gamma + beta,   xhat = (x - mean) * rstd
 
-for x of shape (N, C, *spatial) in NCHW (contiguous) or channels_last memory, without copies. Training mode
-normalises with the batch statistics and updates the running statistics like ``F.batch_norm`` (unbiased
-variance, ``momentum``); eval mode normalises with the running statistics. The soft path passes its gate
-w; the hard path uses the same kernels with ``gate=None``.
+The gate is folded into BN's affine parameters (spec/ALGORITHMS.md, "Where masks act"; exact), so that one
+multiply-add per element does normalisation and gate:
 
-Unfused, this is four or five passes over the activation tensor per direction (BN's statistics, BN's
-normalisation, the gate multiply, the residual add, the activation; and their gradients, BN's backward
-doing its own reductions). Fused, every direction is one reduction pass and one elementwise pass, the two
-the batch statistics need anyway:
+    BN(x) * w = x * scale + shift,   scale = gamma * rstd * w,   shift = (beta - mean * gamma * rstd) * w
 
-  forward   1. per (channel block, row chunk): shifted sums  sum(x - k_c), sum((x - k_c)^2)   (k_c = x[0, c, 0],
-               so the variance does not cancel catastrophically when |mean| >> std)
-            2. per (channel block, row chunk): finish mean / rstd from the chunk partials, update running
-               stats (chunk 0), y = act(x * scale_c + shift_c + residual) with scale_c = gamma*rstd*w and
-               shift_c = (beta - mean*gamma*rstd)*w (the gate folded into the affine parameters)
-  backward  1. du = dy * act'(u) (u recomputed from x), per-chunk partials S1 = sum du, S2 = sum du * xhat;
-               du is stored when there is a residual (it is the residual's gradient)
-            2. finish S1, S2; dx = gamma*w*rstd * (du - (S1 + xhat*S2) / count) (training) or
-               gamma*w*rstd * du (eval); chunk 0 stores dgamma = w*S2, dbeta = w*S1, dw = gamma*S2 + beta*S1
+The residual comes after the gate: a gated block output BN(conv(..)) * w meets the skip connection, then the
+activation (ResNet's ``relu(bn3(conv3(..)) + identity)``). The soft path passes its gate w; the hard path,
+physically narrow, passes ``gate=None`` and simply has fewer channels. Training mode normalises with the batch
+statistics (fp32, whatever x's dtype) and updates the running statistics as ``F.batch_norm`` does (unbiased
+variance, ``momentum``); eval mode normalises with the running statistics.
+
+The cost is memory traffic, so each direction is one reduction pass and one elementwise pass over the
+activation, with a per-channel step between them (one small launch, so that no program of the elementwise
+pass has to re-add every chunk's partial sums):
+
+  forward   1. stats:         per (channel block, row chunk): sum (x - k_c), sum (x - k_c)^2 -> partials
+                              (k_c = the channel's first value, so the variance does not cancel when
+                              |mean| >> std)
+            2. coefficients:  per channel: mean, rstd, scale, shift
+            3. apply:         y = act(x * scale + shift [+ residual])
+            (+ the running-statistics update, per channel: a separate op, see below)
+  backward  1. reduce:        du = dy * act'(u) (u recomputed from x [and the residual]); partials of sum du
+                              and sum du * xhat; du is stored when there is a residual (it is its gradient,
+                              and pass 3 then reads du instead of dy, x and the residual again)
+            2. coefficients:  per channel: dgamma = w S2, dbeta = w S1, dw = gamma S2 + beta S1, and the
+                              batch statistics' share of dx: dx = scale du + a x + b
+            3. apply:         dx = scale * du + a * x + b                      (eval: a = b = 0)
+
+Memory layouts read without a copy: channels innermost (channels_last, or a 2-D (N, C) input) -- an
+(N*H*W, C) row-major matrix, the layout GPU training uses -- and NCHW-contiguous; anything else is copied
+to NCHW first.
+
+Registered as custom ops with fake kernels -- ``torch.ops.s2hk.bn_gate_act_forward`` (functional, its
+gradient ``bn_gate_act_backward``) and ``bn_update_running_stats`` (in place: torch.library lets no op with a
+gradient mutate its inputs) -- so that :func:`bn_gate_act` works under ``torch.compile`` and
+``torch.autocast``; a pure-PyTorch :func:`bn_gate_act_reference` sits beside it.
 """
 from __future__ import annotations
 
@@ -31,11 +48,11 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+from torch import Tensor
 
 from ._common import INTERPRETED, AotVariant, check_runnable, sm_count
 
-__all__ = ["bn_gate_act", "bn_gate_act_reference", "bn_gate_act_forward", "bn_gate_act_backward",
-           "BnGateActFunction", "ACTIVATIONS"]
+__all__ = ["bn_gate_act", "bn_gate_act_reference", "ACTIVATIONS"]
 
 ACTIVATIONS = ("relu", "hardswish", "identity")
 
@@ -44,18 +61,59 @@ ACTIVATIONS = ("relu", "hardswish", "identity")
 # Building blocks
 # ----------------------------------------------------------------------------------------------------------
 @triton.jit
-def _tile_offsets(offs_c, offs_s, HW, stride_n, stride_c, stride_hw):
-    """Element offsets of a (channel, position) tile; position s = n * HW + spatial index."""
-    return offs_c[:, None] * stride_c + ((offs_s // HW) * stride_n + (offs_s % HW) * stride_hw)[None, :]
+def _offsets(rows, cols, C, HW, ROW_MAJOR: tl.constexpr):
+    """Element offsets of a (positions ``rows``, channels ``cols``) tile; position = n * HW + spatial index."""
+    if ROW_MAJOR:  # channels innermost: an (N*HW, C) row-major matrix
+        return rows[:, None] * C + cols[None, :]
+    else:  # NCHW: channel c of image n is the contiguous run [(n * C + c) * HW, + HW)
+        return ((rows // HW) * (C * HW) + rows % HW)[:, None] + cols[None, :] * HW
 
 
 @triton.jit
-def _per_channel(ptr, offs_c, c_ok, default, PRESENT: tl.constexpr, BLOCK_C: tl.constexpr):
+def _first_position(cols, HW, ROW_MAJOR: tl.constexpr):
+    """Offsets of position 0 of channels ``cols`` (where the shift k_c is read)."""
+    if ROW_MAJOR:
+        return cols
+    else:
+        return cols * HW
+
+
+@triton.jit
+def _program_rows(C, rows_total, rows_per_chunk, BLOCK_C: tl.constexpr, REVERSED: tl.constexpr):
+    """This program's channels (``cols``, ``c_ok``), its chunk and the chunk's rows ``[start, end)``.
+    ``REVERSED`` walks the chunks last-first: the elementwise passes then start on the rows the reduction
+    pass read last, the ones most likely still in L2."""
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    chunk = tl.program_id(1)
+    if REVERSED:
+        chunk = tl.num_programs(1) - 1 - chunk
+    start = chunk * rows_per_chunk
+    end = tl.minimum(start + rows_per_chunk, rows_total)
+    return cols, cols < C, chunk, start, end
+
+
+@triton.jit
+def _per_channel(ptr, cols, c_ok, default, PRESENT: tl.constexpr, BLOCK_C: tl.constexpr):
     """A per-channel parameter as fp32, or ``default`` everywhere when it is absent."""
     if PRESENT:
-        return tl.load(ptr + offs_c, mask=c_ok, other=default).to(tl.float32)
+        return tl.load(ptr + cols, mask=c_ok, other=default).to(tl.float32)
     else:
         return tl.full((BLOCK_C,), default, dtype=tl.float32)
+
+
+@triton.jit
+def _chunk_totals(partials, n_chunks, C, cols, c_ok, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Both per-channel totals of ``partials`` (2, n_chunks, C): BLOCK_K chunks per load, so that the hundreds
+    of chunks of a short, wide-grid pass cost a few L2 round trips, not one each; a fixed order (deterministic)."""
+    t0 = tl.zeros((BLOCK_K, BLOCK_C), dtype=tl.float32)
+    t1 = tl.zeros((BLOCK_K, BLOCK_C), dtype=tl.float32)
+    for k0 in range(0, n_chunks, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        ok = (ks < n_chunks)[:, None] & c_ok[None, :]
+        offs = ks[:, None] * C + cols[None, :]
+        t0 += tl.load(partials + offs, mask=ok, other=0.0)
+        t1 += tl.load(partials + n_chunks * C + offs, mask=ok, other=0.0)
+    return tl.sum(t0, axis=0), tl.sum(t1, axis=0)
 
 
 @triton.jit
@@ -63,102 +121,107 @@ def _activate(u, ACT: tl.constexpr):
     if ACT == "relu":
         return tl.maximum(u, 0.0)
     elif ACT == "hardswish":
-        return u * tl.minimum(tl.maximum(u + 3.0, 0.0), 6.0) / 6.0
+        return u * tl.minimum(tl.maximum(u + 3.0, 0.0), 6.0) * (1.0 / 6.0)  # a multiply, not a division
     else:
         return u
 
 
 @triton.jit
-def _activation_grad(dy, u, ACT: tl.constexpr):
-    """dy * act'(u), with torch's choices at the kinks (relu' (0) = 0, hardswish' = u/3 + 1/2 on [-3, 3])."""
-    if ACT == "relu":
-        return tl.where(u > 0.0, dy, 0.0)
-    elif ACT == "hardswish":
-        return dy * tl.where(u < -3.0, 0.0, tl.where(u <= 3.0, u / 3.0 + 0.5, 1.0))
+def _upstream_grad(g, xv, residual, offs, ok, scale, shift, ACT: tl.constexpr, HAS_RES: tl.constexpr):
+    """du = dy * act'(u) for the tile's dy ``g`` and x ``xv``, recomputing u = x * scale + shift [+ residual]
+    where act' needs it; torch's choices at the kinks (relu'(0) = 0, hardswish' = u/3 + 1/2 on [-3, 3])."""
+    if ACT == "identity":
+        return g
     else:
-        return dy
-
-
-@triton.jit
-def _chunk_totals(part, n_chunks, C, offs_c, c_ok, BLOCK_C: tl.constexpr):
-    """Column sums over chunks of part (2, n_chunks, C): the two per-channel totals."""
-    t0 = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    t1 = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    for i in range(0, n_chunks):
-        t0 += tl.load(part + i * C + offs_c, mask=c_ok, other=0.0)
-        t1 += tl.load(part + (n_chunks + i) * C + offs_c, mask=c_ok, other=0.0)
-    return t0, t1
+        u = xv * scale[None, :] + shift[None, :]
+        if HAS_RES:
+            u += tl.load(residual + offs, mask=ok, other=0.0).to(tl.float32)
+        if ACT == "relu":
+            return tl.where(u > 0.0, g, 0.0)
+        else:
+            return g * tl.where(u < -3.0, 0.0, tl.where(u <= 3.0, u * (1.0 / 3.0) + 0.5, 1.0))
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Forward
 # ----------------------------------------------------------------------------------------------------------
 @triton.jit
-def _bn_stats_kernel(x, part, C, HW, count, rows_per_chunk, stride_n, stride_c, stride_hw,
-                     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
-    """part[0, chunk, c] = sum (x - k_c), part[1, chunk, c] = sum (x - k_c)^2 over the chunk's positions."""
-    chunk = tl.program_id(1)
-    n_chunks = tl.num_programs(1)
-    offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_ok = offs_c < C
-    shift = tl.load(x + offs_c * stride_c, mask=c_ok, other=0.0).to(tl.float32)
-    acc = tl.zeros((BLOCK_C, BLOCK_S), dtype=tl.float32)
-    acc_sq = tl.zeros((BLOCK_C, BLOCK_S), dtype=tl.float32)
-    end = tl.minimum((chunk + 1) * rows_per_chunk, count)
-    for s0 in range(chunk * rows_per_chunk, end, BLOCK_S):
-        offs_s = s0 + tl.arange(0, BLOCK_S)
-        ok = c_ok[:, None] & (offs_s < end)[None, :]
-        v = tl.load(x + _tile_offsets(offs_c, offs_s, HW, stride_n, stride_c, stride_hw), mask=ok, other=0.0)
-        d = tl.where(ok, v.to(tl.float32) - shift[:, None], 0.0)
+def _stats_kernel(x, partials, C, HW, rows_total, rows_per_chunk,
+                  ROW_MAJOR: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """partials[0, chunk, c] = sum (x - k_c), partials[1, chunk, c] = sum (x - k_c)^2 over the chunk."""
+    cols, c_ok, chunk, start, end = _program_rows(C, rows_total, rows_per_chunk, BLOCK_C, False)
+    k = tl.load(x + _first_position(cols, HW, ROW_MAJOR), mask=c_ok, other=0.0).to(tl.float32)
+    acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+    acc_sq = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+    for r0 in range(start, end, BLOCK_R):
+        rows = r0 + tl.arange(0, BLOCK_R)
+        ok = (rows < end)[:, None] & c_ok[None, :]
+        v = tl.load(x + _offsets(rows, cols, C, HW, ROW_MAJOR), mask=ok, other=0.0).to(tl.float32)
+        d = tl.where(ok, v - k[None, :], 0.0)
         acc += d
         acc_sq += d * d
-    tl.store(part + chunk * C + offs_c, tl.sum(acc, axis=1), mask=c_ok)
-    tl.store(part + (n_chunks + chunk) * C + offs_c, tl.sum(acc_sq, axis=1), mask=c_ok)
+    n_chunks = tl.num_programs(1)
+    tl.store(partials + chunk * C + cols, tl.sum(acc, axis=0), mask=c_ok)
+    tl.store(partials + (n_chunks + chunk) * C + cols, tl.sum(acc_sq, axis=0), mask=c_ok)
 
 
 @triton.jit
-def _bn_forward_kernel(x, residual, y, weight, bias, gate, part, mean, rstd, running_mean, running_var,
-                       C, HW, count, rows_per_chunk, stride_n, stride_c, stride_hw, momentum, eps,
-                       ACT: tl.constexpr, TRAINING: tl.constexpr, UPDATE_RUNNING: tl.constexpr,
-                       HAS_RES: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
-                       HAS_GATE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
-    """y = act(x * scale_c + shift_c + residual). Training: mean / rstd from the chunk partials (stored
-    by chunk 0, with the running-stat update); eval: mean / rstd are inputs."""
-    chunk = tl.program_id(1)
-    offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_ok = offs_c < C
+def _forward_coefficients_kernel(x, partials, n_chunks, weight, bias, gate, running_mean, running_var, stats,
+                                 C, HW, rows_total, eps, TRAINING: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+                                 HAS_BIAS: tl.constexpr, HAS_GATE: tl.constexpr, ROW_MAJOR: tl.constexpr,
+                                 BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr):
+    """stats[:, c] = (mean, rstd, scale, shift, var) of channel c: the batch statistics from the chunk
+    partials (training) or the running statistics (eval)."""
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = cols < C
     if TRAINING:
-        total, total_sq = _chunk_totals(part, tl.num_programs(1), C, offs_c, c_ok, BLOCK_C)
-        shift = tl.load(x + offs_c * stride_c, mask=c_ok, other=0.0).to(tl.float32)
-        mean_shifted = total / count
-        var = tl.maximum(total_sq / count - mean_shifted * mean_shifted, 0.0)
-        mu = shift + mean_shifted
-        inv_std = 1.0 / tl.sqrt(var + eps)
-        if chunk == 0:
-            tl.store(mean + offs_c, mu, mask=c_ok)
-            tl.store(rstd + offs_c, inv_std, mask=c_ok)
-            if UPDATE_RUNNING:
-                rm = tl.load(running_mean + offs_c, mask=c_ok, other=0.0)
-                rv = tl.load(running_var + offs_c, mask=c_ok, other=0.0)
-                new_rm = (1.0 - momentum) * rm.to(tl.float32) + momentum * mu
-                new_rv = (1.0 - momentum) * rv.to(tl.float32) + momentum * var * (count / (count - 1.0))
-                tl.store(running_mean + offs_c, new_rm.to(rm.dtype), mask=c_ok)
-                tl.store(running_var + offs_c, new_rv.to(rv.dtype), mask=c_ok)
+        total, total_sq = _chunk_totals(partials, n_chunks, C, cols, c_ok, BLOCK_K, BLOCK_C)
+        k = tl.load(x + _first_position(cols, HW, ROW_MAJOR), mask=c_ok, other=0.0).to(tl.float32)
+        shifted_mean = total / rows_total
+        var = tl.maximum(total_sq / rows_total - shifted_mean * shifted_mean, 0.0)
+        mean = k + shifted_mean
     else:
-        mu = tl.load(mean + offs_c, mask=c_ok, other=0.0)
-        inv_std = tl.load(rstd + offs_c, mask=c_ok, other=0.0)
-    gamma = _per_channel(weight, offs_c, c_ok, 1.0, HAS_WEIGHT, BLOCK_C)
-    beta = _per_channel(bias, offs_c, c_ok, 0.0, HAS_BIAS, BLOCK_C)
-    w = _per_channel(gate, offs_c, c_ok, 1.0, HAS_GATE, BLOCK_C)
-    scale = gamma * inv_std * w  # the gate folded into BN's affine parameters
-    offset = (beta - mu * gamma * inv_std) * w
+        mean = tl.load(running_mean + cols, mask=c_ok, other=0.0).to(tl.float32)
+        var = tl.load(running_var + cols, mask=c_ok, other=1.0).to(tl.float32)
+    rstd = 1.0 / tl.sqrt(var + eps)
+    gamma = _per_channel(weight, cols, c_ok, 1.0, HAS_WEIGHT, BLOCK_C)
+    beta = _per_channel(bias, cols, c_ok, 0.0, HAS_BIAS, BLOCK_C)
+    w = _per_channel(gate, cols, c_ok, 1.0, HAS_GATE, BLOCK_C)
+    tl.store(stats + cols, mean, mask=c_ok)
+    tl.store(stats + C + cols, rstd, mask=c_ok)
+    tl.store(stats + 2 * C + cols, gamma * rstd * w, mask=c_ok)
+    tl.store(stats + 3 * C + cols, (beta - mean * gamma * rstd) * w, mask=c_ok)
+    tl.store(stats + 4 * C + cols, var, mask=c_ok)
 
-    end = tl.minimum((chunk + 1) * rows_per_chunk, count)
-    for s0 in range(chunk * rows_per_chunk, end, BLOCK_S):
-        offs_s = s0 + tl.arange(0, BLOCK_S)
-        ok = c_ok[:, None] & (offs_s < end)[None, :]
-        offs = _tile_offsets(offs_c, offs_s, HW, stride_n, stride_c, stride_hw)
-        u = tl.load(x + offs, mask=ok, other=0.0).to(tl.float32) * scale[:, None] + offset[:, None]
+
+@triton.jit
+def _running_stats_kernel(running_mean, running_var, stats, C, rows_total, momentum, BLOCK_C: tl.constexpr):
+    """running = (1 - momentum) running + momentum batch, in the statistics' own dtype; the variance unbiased,
+    as torch's BatchNorm does."""
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = cols < C
+    rm = tl.load(running_mean + cols, mask=c_ok, other=0.0)
+    rv = tl.load(running_var + cols, mask=c_ok, other=0.0)
+    mean = tl.load(stats + cols, mask=c_ok, other=0.0)
+    unbiased = tl.load(stats + 4 * C + cols, mask=c_ok, other=0.0) * (rows_total / (rows_total - 1.0))
+    tl.store(running_mean + cols, ((1.0 - momentum) * rm.to(tl.float32) + momentum * mean).to(rm.dtype), mask=c_ok)
+    tl.store(running_var + cols, ((1.0 - momentum) * rv.to(tl.float32) + momentum * unbiased).to(rv.dtype),
+             mask=c_ok)
+
+
+@triton.jit
+def _forward_apply_kernel(x, residual, y, stats, C, HW, rows_total, rows_per_chunk,
+                          ACT: tl.constexpr, HAS_RES: tl.constexpr, ROW_MAJOR: tl.constexpr,
+                          BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """y = act(x * scale + shift [+ residual])."""
+    cols, c_ok, chunk, start, end = _program_rows(C, rows_total, rows_per_chunk, BLOCK_C, True)
+    scale = tl.load(stats + 2 * C + cols, mask=c_ok, other=0.0)
+    shift = tl.load(stats + 3 * C + cols, mask=c_ok, other=0.0)
+    for r0 in range(start, end, BLOCK_R):
+        rows = r0 + tl.arange(0, BLOCK_R)
+        ok = (rows < end)[:, None] & c_ok[None, :]
+        offs = _offsets(rows, cols, C, HW, ROW_MAJOR)
+        u = tl.load(x + offs, mask=ok, other=0.0).to(tl.float32) * scale[None, :] + shift[None, :]
         if HAS_RES:
             u += tl.load(residual + offs, mask=ok, other=0.0).to(tl.float32)
         tl.store(y + offs, _activate(u, ACT).to(y.dtype.element_ty), mask=ok)
@@ -168,126 +231,135 @@ def _bn_forward_kernel(x, residual, y, weight, bias, gate, part, mean, rstd, run
 # Backward
 # ----------------------------------------------------------------------------------------------------------
 @triton.jit
-def _upstream_grad(dy, x, residual, offs, ok, scale, offset, ACT: tl.constexpr, HAS_RES: tl.constexpr):
-    """du = dy * act'(u) on a tile, recomputing u = x * scale + offset + residual where act needs it."""
-    g = tl.load(dy + offs, mask=ok, other=0.0).to(tl.float32)
-    if ACT == "identity":
-        return g
-    else:
-        u = tl.load(x + offs, mask=ok, other=0.0).to(tl.float32) * scale[:, None] + offset[:, None]
-        if HAS_RES:
-            u += tl.load(residual + offs, mask=ok, other=0.0).to(tl.float32)
-        return _activation_grad(g, u, ACT)
-
-
-@triton.jit
-def _bn_backward_reduce_kernel(dy, x, residual, du_out, weight, bias, gate, mean, rstd, part,
-                               C, HW, count, rows_per_chunk, stride_n, stride_c, stride_hw,
-                               ACT: tl.constexpr, HAS_RES: tl.constexpr, STORE_DU: tl.constexpr,
-                               HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GATE: tl.constexpr,
-                               BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
-    """part[0, chunk, c] = sum du, part[1, chunk, c] = sum du * xhat; du stored to du_out if STORE_DU."""
-    chunk = tl.program_id(1)
-    n_chunks = tl.num_programs(1)
-    offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_ok = offs_c < C
-    mu = tl.load(mean + offs_c, mask=c_ok, other=0.0)
-    inv_std = tl.load(rstd + offs_c, mask=c_ok, other=0.0)
-    gamma = _per_channel(weight, offs_c, c_ok, 1.0, HAS_WEIGHT, BLOCK_C)
-    w = _per_channel(gate, offs_c, c_ok, 1.0, HAS_GATE, BLOCK_C)
-    scale = gamma * inv_std * w
-    offset = (_per_channel(bias, offs_c, c_ok, 0.0, HAS_BIAS, BLOCK_C) - mu * gamma * inv_std) * w
-    s1 = tl.zeros((BLOCK_C, BLOCK_S), dtype=tl.float32)
-    s2 = tl.zeros((BLOCK_C, BLOCK_S), dtype=tl.float32)
-    end = tl.minimum((chunk + 1) * rows_per_chunk, count)
-    for s0 in range(chunk * rows_per_chunk, end, BLOCK_S):
-        offs_s = s0 + tl.arange(0, BLOCK_S)
-        ok = c_ok[:, None] & (offs_s < end)[None, :]
-        offs = _tile_offsets(offs_c, offs_s, HW, stride_n, stride_c, stride_hw)
-        du = _upstream_grad(dy, x, residual, offs, ok, scale, offset, ACT, HAS_RES)
-        xhat = (tl.load(x + offs, mask=ok, other=0.0).to(tl.float32) - mu[:, None]) * inv_std[:, None]
+def _backward_reduce_kernel(dy, x, residual, du_out, stats, partials, C, HW, rows_total, rows_per_chunk,
+                            ACT: tl.constexpr, HAS_RES: tl.constexpr, STORE_DU: tl.constexpr,
+                            ROW_MAJOR: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """partials[0, chunk, c] = sum du, partials[1, chunk, c] = sum du * xhat; du stored if STORE_DU."""
+    cols, c_ok, chunk, start, end = _program_rows(C, rows_total, rows_per_chunk, BLOCK_C, False)
+    mean = tl.load(stats + cols, mask=c_ok, other=0.0)
+    rstd = tl.load(stats + C + cols, mask=c_ok, other=0.0)
+    scale = tl.load(stats + 2 * C + cols, mask=c_ok, other=0.0)
+    shift = tl.load(stats + 3 * C + cols, mask=c_ok, other=0.0)
+    s1 = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+    s2 = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+    for r0 in range(start, end, BLOCK_R):
+        rows = r0 + tl.arange(0, BLOCK_R)
+        ok = (rows < end)[:, None] & c_ok[None, :]
+        offs = _offsets(rows, cols, C, HW, ROW_MAJOR)
+        xv = tl.load(x + offs, mask=ok, other=0.0).to(tl.float32)
+        g = tl.load(dy + offs, mask=ok, other=0.0).to(tl.float32)
+        du = _upstream_grad(g, xv, residual, offs, ok, scale, shift, ACT, HAS_RES)  # 0 outside the tile
         s1 += du
-        s2 += du * xhat
+        s2 += du * ((xv - mean[None, :]) * rstd[None, :])
         if STORE_DU:
             tl.store(du_out + offs, du.to(du_out.dtype.element_ty), mask=ok)
-    tl.store(part + chunk * C + offs_c, tl.sum(s1, axis=1), mask=c_ok)
-    tl.store(part + (n_chunks + chunk) * C + offs_c, tl.sum(s2, axis=1), mask=c_ok)
+    n_chunks = tl.num_programs(1)
+    tl.store(partials + chunk * C + cols, tl.sum(s1, axis=0), mask=c_ok)
+    tl.store(partials + (n_chunks + chunk) * C + cols, tl.sum(s2, axis=0), mask=c_ok)
 
 
 @triton.jit
-def _bn_backward_apply_kernel(dy, x, residual, du_in, dx, weight, bias, gate, mean, rstd, part,
-                              dweight, dbias, dgate, C, HW, count, rows_per_chunk, stride_n, stride_c, stride_hw,
-                              ACT: tl.constexpr, TRAINING: tl.constexpr, HAS_RES: tl.constexpr,
-                              DU_STORED: tl.constexpr, NEED_DX: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-                              HAS_BIAS: tl.constexpr, HAS_GATE: tl.constexpr,
-                              BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
-    """dx from du and the per-channel totals; chunk 0 also writes dweight, dbias, dgate (fp32, (C,))."""
-    chunk = tl.program_id(1)
-    offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_ok = offs_c < C
-    s1, s2 = _chunk_totals(part, tl.num_programs(1), C, offs_c, c_ok, BLOCK_C)
-    mu = tl.load(mean + offs_c, mask=c_ok, other=0.0)
-    inv_std = tl.load(rstd + offs_c, mask=c_ok, other=0.0)
-    gamma = _per_channel(weight, offs_c, c_ok, 1.0, HAS_WEIGHT, BLOCK_C)
-    beta = _per_channel(bias, offs_c, c_ok, 0.0, HAS_BIAS, BLOCK_C)
-    w = _per_channel(gate, offs_c, c_ok, 1.0, HAS_GATE, BLOCK_C)
-    if chunk == 0:
-        if HAS_WEIGHT:
-            tl.store(dweight + offs_c, w * s2, mask=c_ok)
-        if HAS_BIAS:
-            tl.store(dbias + offs_c, w * s1, mask=c_ok)
-        if HAS_GATE:
-            tl.store(dgate + offs_c, gamma * s2 + beta * s1, mask=c_ok)
-    if NEED_DX:
-        scale = gamma * inv_std * w
-        offset = (beta - mu * gamma * inv_std) * w
-        mean_du = s1 / count
-        mean_du_xhat = s2 / count
-        end = tl.minimum((chunk + 1) * rows_per_chunk, count)
-        for s0 in range(chunk * rows_per_chunk, end, BLOCK_S):
-            offs_s = s0 + tl.arange(0, BLOCK_S)
-            ok = c_ok[:, None] & (offs_s < end)[None, :]
-            offs = _tile_offsets(offs_c, offs_s, HW, stride_n, stride_c, stride_hw)
-            if DU_STORED:
-                du = tl.load(du_in + offs, mask=ok, other=0.0).to(tl.float32)
-            else:
-                du = _upstream_grad(dy, x, residual, offs, ok, scale, offset, ACT, HAS_RES)
-            if TRAINING:  # the batch statistics depend on x: subtract their share of the gradient
-                xhat = (tl.load(x + offs, mask=ok, other=0.0).to(tl.float32) - mu[:, None]) * inv_std[:, None]
-                du = du - mean_du[:, None] - xhat * mean_du_xhat[:, None]
-            tl.store(dx + offs, (du * scale[:, None]).to(dx.dtype.element_ty), mask=ok)
+def _backward_coefficients_kernel(partials, n_chunks, weight, bias, gate, stats, dweight, dbias, dgate,
+                                  dx_coefficients, C, rows_total,
+                                  TRAINING: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                                  HAS_GATE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The per-channel gradients (in the parameters' dtypes) and, training, dx's coefficients a, b:
+    dx = scale * (du - S1/n - xhat * S2/n) = scale * du + a * x + b."""
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = cols < C
+    s1, s2 = _chunk_totals(partials, n_chunks, C, cols, c_ok, BLOCK_K, BLOCK_C)
+    gamma = _per_channel(weight, cols, c_ok, 1.0, HAS_WEIGHT, BLOCK_C)
+    beta = _per_channel(bias, cols, c_ok, 0.0, HAS_BIAS, BLOCK_C)
+    w = _per_channel(gate, cols, c_ok, 1.0, HAS_GATE, BLOCK_C)
+    if HAS_WEIGHT:
+        tl.store(dweight + cols, (w * s2).to(dweight.dtype.element_ty), mask=c_ok)
+    if HAS_BIAS:
+        tl.store(dbias + cols, (w * s1).to(dbias.dtype.element_ty), mask=c_ok)
+    if HAS_GATE:
+        tl.store(dgate + cols, (gamma * s2 + beta * s1).to(dgate.dtype.element_ty), mask=c_ok)
+    if TRAINING:  # the batch statistics depend on x: their share of the gradient, per channel
+        mean = tl.load(stats + cols, mask=c_ok, other=0.0)
+        rstd = tl.load(stats + C + cols, mask=c_ok, other=0.0)
+        scale = tl.load(stats + 2 * C + cols, mask=c_ok, other=0.0)
+        a = -scale * rstd * (s2 / rows_total)
+        tl.store(dx_coefficients + cols, a, mask=c_ok)
+        tl.store(dx_coefficients + C + cols, -a * mean - scale * (s1 / rows_total), mask=c_ok)
+
+
+@triton.jit
+def _backward_apply_kernel(dy, x, du_in, dx, stats, dx_coefficients, C, HW, rows_total, rows_per_chunk,
+                           ACT: tl.constexpr, TRAINING: tl.constexpr, DU_STORED: tl.constexpr,
+                           ROW_MAJOR: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """dx = scale * du [+ a * x + b]. du is read back where pass 1 stored it (with a residual), else
+    recomputed from dy and x (no residual: u needs x only)."""
+    cols, c_ok, chunk, start, end = _program_rows(C, rows_total, rows_per_chunk, BLOCK_C, True)
+    scale = tl.load(stats + 2 * C + cols, mask=c_ok, other=0.0)
+    shift = tl.load(stats + 3 * C + cols, mask=c_ok, other=0.0)
+    if TRAINING:
+        a = tl.load(dx_coefficients + cols, mask=c_ok, other=0.0)
+        b = tl.load(dx_coefficients + C + cols, mask=c_ok, other=0.0)
+    for r0 in range(start, end, BLOCK_R):
+        rows = r0 + tl.arange(0, BLOCK_R)
+        ok = (rows < end)[:, None] & c_ok[None, :]
+        offs = _offsets(rows, cols, C, HW, ROW_MAJOR)
+        xv = 0.0
+        if TRAINING or (ACT != "identity" and not DU_STORED):  # x read once, and only where it is needed
+            xv = tl.load(x + offs, mask=ok, other=0.0).to(tl.float32)
+        if DU_STORED:
+            du = tl.load(du_in + offs, mask=ok, other=0.0).to(tl.float32)
+        else:
+            g = tl.load(dy + offs, mask=ok, other=0.0).to(tl.float32)
+            du = _upstream_grad(g, xv, x, offs, ok, scale, shift, ACT, False)  # no residual to read
+        grad = du * scale[None, :]
+        if TRAINING:
+            grad += xv * a[None, :] + b[None, :]
+        tl.store(dx + offs, grad.to(dx.dtype.element_ty), mask=ok)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------------------------
-def _layout(x: torch.Tensor) -> Tuple[torch.Tensor, torch.memory_format, Tuple[int, int, int], int]:
-    """x in a layout the kernels read without copying (NCHW-contiguous or channels_last), its memory format,
-    (stride_n, stride_c, stride_hw) of the (N, C, HW) view, and HW."""
+# Launch configuration. Not autotuned: the hard path's widths change while a network is pruned, and tuning
+# every new channel count would stall training the way cuDNN's autotuning does (DESIGN.md). bench/kernels_gpu.py
+# sweeps the three streaming-pass knobs on the GPU.
+#: Elements per tile of the streaming kernels (16 per thread at 8 warps: two 16-byte loads of 16-bit data);
+#: small under the interpreter, so that the tests' tiny shapes still span several tiles, chunks and blocks.
+_TILE = 256 if INTERPRETED else 4096
+#: Warps per program of the streaming kernels.
+_WARPS = 8
+#: Programs per SM of the streaming kernels' grid: enough bytes in flight, and few chunk partials.
+_PROGRAMS_PER_SM = 4
+#: Channels per program, and chunk partials per load, of the per-channel kernels.
+_COEFF_BLOCK = 32
+_CHUNK_BLOCK = 4 if INTERPRETED else 64
+
+
+def _layout(x: Tensor) -> Tuple[Tensor, bool, int]:
+    """``(x as the kernels read it, row_major, HW)``: row-major (an (N*HW, C) matrix) when channels are
+    innermost in memory (channels_last, 2-D), else NCHW-contiguous -- a copy only if x is neither."""
     if x.dim() < 2:
         raise ValueError(f"expected (N, C, *spatial), got shape {tuple(x.shape)}")
-    c, hw = x.shape[1], math.prod(x.shape[2:])
-    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-        return x, torch.channels_last, (hw * c, 1, c), hw
-    x = x.contiguous()
-    return x, torch.contiguous_format, (c * hw, hw, 1), hw
+    hw = math.prod(x.shape[2:])
+    if x.movedim(1, -1).is_contiguous():
+        return x, True, hw
+    return x.contiguous(), False, hw
 
 
-def _blocks(c: int, stride_c: int, interpreted: bool) -> Tuple[int, int]:
-    """(BLOCK_C, BLOCK_S): long runs along whichever of channels / positions is contiguous in memory."""
-    elems = 2048 if interpreted else 4096
-    if stride_c == 1:  # channels_last: channels are contiguous
-        block_c = min(64, triton.next_power_of_2(max(c, 1)))
-    else:
-        block_c = min(16 if interpreted else 4, triton.next_power_of_2(max(c, 1)))
-    return block_c, elems // block_c
+def _in_layout(t: Tensor, row_major: bool) -> Tensor:
+    """``t`` (shaped like x) in the memory layout the kernels read x in (no copy if it already is)."""
+    return t.movedim(1, -1).contiguous().movedim(-1, 1) if row_major else t.contiguous()
 
 
-def _chunking(count: int, c_blocks: int, block_s: int, device: torch.device) -> Tuple[int, int]:
-    """(rows_per_chunk, n_chunks): enough programs to fill the device, each chunk a multiple of BLOCK_S."""
-    chunks = max(1, min(triton.cdiv(count, block_s), triton.cdiv(4 * sm_count(device), c_blocks)))
-    rows = triton.cdiv(triton.cdiv(count, chunks), block_s) * block_s
-    return rows, triton.cdiv(count, rows)
+def _grid(rows: int, c: int, row_major: bool, device: torch.device) -> Tuple[int, int, int, int]:
+    """``(BLOCK_R, BLOCK_C, rows_per_chunk, n_chunks)`` of the streaming kernels: tiles long along the
+    dimension that is contiguous in memory (coalesced loads), and about ``_PROGRAMS_PER_SM`` programs per SM,
+    so that one wave covers the tensor and the partials stay few."""
+    block_c = min(triton.next_power_of_2(c), 64 if row_major else 4)
+    block_r = _TILE // block_c
+    c_blocks = triton.cdiv(c, block_c)
+    chunks = max(1, min(triton.cdiv(rows, block_r), triton.cdiv(_PROGRAMS_PER_SM * sm_count(device), c_blocks)))
+    rows_per_chunk = max(1, triton.cdiv(triton.cdiv(rows, chunks), block_r)) * block_r
+    return block_r, block_c, rows_per_chunk, triton.cdiv(rows, rows_per_chunk)  # no chunk when rows == 0
 
 
 def _check_activation(activation: Optional[str]) -> str:
@@ -297,177 +369,219 @@ def _check_activation(activation: Optional[str]) -> str:
     return activation
 
 
-def bn_gate_act_forward(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
-                        running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor],
-                        gate: Optional[torch.Tensor] = None, residual: Optional[torch.Tensor] = None,
-                        activation: Optional[str] = "relu", momentum: float = 0.1, eps: float = 1e-5,
-                        training: bool = True) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Forward pass; updates the running statistics in place when training.
-
-    Args:
-        x: (N, C, *spatial). weight, bias, gate, running_mean, running_var: (C,) or None. residual: like x
-            or None. activation: "relu" | "hardswish" | "identity" (None = identity).
-        momentum: a float (the cumulative-average mode ``momentum=None`` is the caller's to resolve).
-    Returns:
-        y (like x, same memory format), mean (C,) fp32, rstd (C,) fp32 (what normalised x).
-    """
-    activation = _check_activation(activation)
-    check_runnable(x, weight, bias, gate, residual, running_mean, running_var)
-    if momentum is None:
-        raise ValueError("momentum=None (cumulative average) is not supported: pass the factor as a float")
-    x, fmt, (sn, sc, shw), hw = _layout(x)
-    n, c = x.shape[:2]
-    count = n * hw
+def _validate(x: Tensor, per_channel: dict, residual: Optional[Tensor], training: bool,
+              has_running: bool) -> None:
+    """Raise ValueError for inputs the op does not take (also run by the fake kernel, so that torch.compile
+    raises the same errors)."""
+    if x.dim() < 2:
+        raise ValueError(f"expected (N, C, *spatial), got shape {tuple(x.shape)}")
+    c = x.shape[1]
+    for name, t in per_channel.items():
+        if t is not None and tuple(t.shape) != (c,):
+            raise ValueError(f"{name} must have shape ({c},), got {tuple(t.shape)}")
+    if residual is not None and residual.shape != x.shape:
+        raise ValueError(f"residual shape {tuple(residual.shape)} != input shape {tuple(x.shape)}")
     if x.numel() >= 2 ** 31:
         raise ValueError("tensors of 2**31 elements or more are not supported (32-bit offsets)")
-    if residual is not None:
-        if residual.shape != x.shape:
-            raise ValueError(f"residual shape {tuple(residual.shape)} != input shape {tuple(x.shape)}")
-        residual = residual.contiguous(memory_format=fmt)
-    y = torch.empty_like(x, memory_format=fmt)
-    mean = torch.empty(c, device=x.device, dtype=torch.float32)
-    rstd = torch.empty(c, device=x.device, dtype=torch.float32)
-    if training:
-        if count <= 1:
-            raise ValueError(f"Expected more than 1 value per channel when training, got input size "
-                             f"{list(x.shape)}")
-    else:
-        if running_mean is None or running_var is None:
-            raise ValueError("eval mode needs running_mean and running_var")
-        mean.copy_(running_mean)
-        rstd.copy_(torch.rsqrt(running_var.float() + eps))
-    if c == 0 or count == 0:
-        return y, mean, rstd
-    block_c, block_s = _blocks(c, sc, INTERPRETED)
-    c_blocks = triton.cdiv(c, block_c)
-    rows, chunks = _chunking(count, c_blocks, block_s, x.device)
-    part = torch.empty((2, chunks, c), device=x.device, dtype=torch.float32)
-    unused = torch.empty(0, device=x.device, dtype=torch.float32)
-    layout = (c, hw, count, rows, sn, sc, shw)
-    if training:
-        _bn_stats_kernel[(c_blocks, chunks)](x, part, *layout, BLOCK_C=block_c, BLOCK_S=block_s)
-    update = training and running_mean is not None and running_var is not None
-    opt = lambda t: t if t is not None else unused  # noqa: E731
-    _bn_forward_kernel[(c_blocks, chunks)](
-        x, opt(residual), y, opt(weight), opt(bias), opt(gate), part, mean, rstd,
-        running_mean if update else unused, running_var if update else unused, *layout,
-        float(momentum), float(eps), ACT=activation, TRAINING=training, UPDATE_RUNNING=update,
-        HAS_RES=residual is not None, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-        HAS_GATE=gate is not None, BLOCK_C=block_c, BLOCK_S=block_s)
-    return y, mean, rstd
+    if training and x.shape[0] * math.prod(x.shape[2:]) <= 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {list(x.shape)}")
+    if not training and not has_running:
+        raise ValueError("eval mode needs running_mean and running_var")
 
 
-def bn_gate_act_backward(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor],
-                         bias: Optional[torch.Tensor], gate: Optional[torch.Tensor],
-                         residual: Optional[torch.Tensor], mean: torch.Tensor, rstd: torch.Tensor,
-                         activation: Optional[str], training: bool, needs: Tuple[bool, bool, bool, bool, bool]
-                         ) -> List[Optional[torch.Tensor]]:
-    """Gradients ``[dx, dweight, dbias, dgate, dresidual]`` (None where ``needs`` is False).
-
-    Args:
-        dy: like x. mean, rstd: what :func:`bn_gate_act_forward` returned. needs: which of
-            (x, weight, bias, gate, residual) need a gradient.
-    """
+def _forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], running_mean: Optional[Tensor],
+             running_var: Optional[Tensor], gate: Optional[Tensor], residual: Optional[Tensor], activation: str,
+             eps: float, training: bool) -> Tuple[Tensor, Tensor]:
+    """``(y, stats)``, stats = (mean, rstd, scale, shift, var) as a (5, C) fp32 tensor. Reads the running
+    statistics in eval mode only; :func:`_update_running_stats` updates them."""
     activation = _check_activation(activation)
-    x, fmt, (sn, sc, shw), hw = _layout(x)
-    dy = dy.contiguous(memory_format=fmt)
-    residual = residual.contiguous(memory_format=fmt) if residual is not None else None
+    check_runnable(x, weight, bias, gate, residual, running_mean, running_var)
+    _validate(x, dict(weight=weight, bias=bias, gate=gate, running_mean=running_mean, running_var=running_var),
+              residual, training, running_mean is not None and running_var is not None)
+    x, row_major, hw = _layout(x)
     n, c = x.shape[:2]
-    count = n * hw
-    need_dx, need_dw, need_db, need_dg, need_dr = needs
-    f32 = dict(device=x.device, dtype=torch.float32)
-    dweight, dbias, dgate = torch.empty(c, **f32), torch.empty(c, **f32), torch.empty(c, **f32)
-    # With a residual, du is the residual's gradient: store it in pass 1 and read it back in pass 2 (one
-    # tensor) instead of re-reading dy and the residual. With identity, du is dy itself.
+    rows = n * hw
+    residual = _in_layout(residual, row_major) if residual is not None else None
+    weight, bias, gate, running_mean, running_var = (
+        t.contiguous() if t is not None else None for t in (weight, bias, gate, running_mean, running_var))
+    y = torch.empty_like(x)
+    stats = torch.empty((5, c), device=x.device, dtype=torch.float32)
+    if c == 0:
+        return y, stats
+    block_r, block_c, rows_per_chunk, chunks = _grid(rows, c, row_major, x.device)
+    grid = (triton.cdiv(c, block_c), chunks)
+    tiles = dict(ROW_MAJOR=row_major, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=_WARPS)
+    unused = torch.empty(0, device=x.device, dtype=torch.float32)
+    opt = lambda t: unused if t is None else t  # noqa: E731  (absent tensors: never read, flags say so)
+    partials = torch.empty((2, chunks, c), device=x.device, dtype=torch.float32) if training else unused
+    if training:
+        _stats_kernel[grid](x, partials, c, hw, rows, rows_per_chunk, **tiles)
+    _forward_coefficients_kernel[(triton.cdiv(c, _COEFF_BLOCK),)](
+        x, partials, chunks, opt(weight), opt(bias), opt(gate), opt(running_mean), opt(running_var), stats,
+        c, hw, rows, float(eps), TRAINING=training, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+        HAS_GATE=gate is not None, ROW_MAJOR=row_major, BLOCK_K=_CHUNK_BLOCK, BLOCK_C=_COEFF_BLOCK)
+    if rows > 0:
+        _forward_apply_kernel[grid](x, opt(residual), y, stats, c, hw, rows, rows_per_chunk, ACT=activation,
+                                    HAS_RES=residual is not None, **tiles)
+    return y, stats
+
+
+def _update_running_stats(running_mean: Tensor, running_var: Tensor, stats: Tensor, momentum: float,
+                          rows: int) -> None:
+    """The running statistics moved towards the batch's (``stats`` of a training-mode forward), in place."""
+    for name, t in (("running_mean", running_mean), ("running_var", running_var)):
+        if not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous (it is updated in place)")
+    c = running_mean.numel()
+    if c > 0:
+        _running_stats_kernel[(triton.cdiv(c, _COEFF_BLOCK),)](running_mean, running_var, stats, c, rows,
+                                                               float(momentum), BLOCK_C=_COEFF_BLOCK)
+
+
+def _backward(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], gate: Optional[Tensor],
+              residual: Optional[Tensor], stats: Tensor, activation: str, training: bool,
+              need_dx: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(dx, dweight, dbias, dgate, du)``; each an empty tensor where it is not computed: dx unless
+    ``need_dx``, a parameter's gradient where the parameter is None, du unless there is a residual and a
+    non-identity activation (du is then the residual's gradient; with the identity it is dy itself)."""
+    x, row_major, hw = _layout(x)
+    n, c = x.shape[:2]
+    rows = n * hw
+    dy = _in_layout(dy, row_major)
     store_du = residual is not None and activation != "identity"
-    du = torch.empty_like(x, memory_format=fmt) if store_du else None
-    dx = torch.empty_like(x, memory_format=fmt) if need_dx else None
-    if c > 0 and count > 0:
-        block_c, block_s = _blocks(c, sc, INTERPRETED)
-        c_blocks = triton.cdiv(c, block_c)
-        rows, chunks = _chunking(count, c_blocks, block_s, x.device)
-        part = torch.empty((2, chunks, c), **f32)
-        unused = torch.empty(0, **f32)
-        opt = lambda t: t if t is not None else unused  # noqa: E731
-        layout = (c, hw, count, rows, sn, sc, shw)
-        params = dict(HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, HAS_GATE=gate is not None,
-                      BLOCK_C=block_c, BLOCK_S=block_s)
-        _bn_backward_reduce_kernel[(c_blocks, chunks)](
-            dy, x, opt(residual), opt(du), opt(weight), opt(bias), opt(gate), mean, rstd, part, *layout,
-            ACT=activation, HAS_RES=residual is not None, STORE_DU=store_du, **params)
-        _bn_backward_apply_kernel[(c_blocks, chunks)](
-            dy, x, opt(residual), opt(du), opt(dx), opt(weight), opt(bias), opt(gate), mean, rstd, part,
-            dweight, dbias, dgate, *layout, ACT=activation, TRAINING=training, HAS_RES=residual is not None,
-            DU_STORED=store_du, NEED_DX=need_dx, **params)
-    else:
-        for t in (dweight, dbias, dgate):
-            t.zero_()
-        if dx is not None:
-            dx.zero_()
-        if du is not None:
-            du.zero_()
-    dres = None
-    if need_dr and residual is not None:
-        dres = du if store_du else (dy if activation == "identity" else None)
-    cast = lambda g, p: g.to(p.dtype) if (g is not None and p is not None) else None  # noqa: E731
-    return [dx, cast(dweight, weight) if need_dw else None, cast(dbias, bias) if need_db else None,
-            cast(dgate, gate) if need_dg else None, dres]
+    residual = _in_layout(residual, row_major) if store_du else None
+    weight, bias, gate = (t.contiguous() if t is not None else None for t in (weight, bias, gate))
+    # distinct empty tensors: a custom op's outputs must not alias one another
+    like = lambda t: torch.empty_like(t) if t is not None else x.new_empty(0)  # noqa: E731
+    du, dx = like(x if store_du else None), like(x if need_dx else None)
+    dweight, dbias, dgate = like(weight), like(bias), like(gate)
+    if c == 0:
+        return dx, dweight, dbias, dgate, du
+    block_r, block_c, rows_per_chunk, chunks = _grid(rows, c, row_major, x.device)
+    grid = (triton.cdiv(c, block_c), chunks)
+    tiles = dict(ROW_MAJOR=row_major, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=_WARPS)
+    unused = torch.empty(0, device=x.device, dtype=torch.float32)
+    opt = lambda t: unused if t is None else t  # noqa: E731
+    partials = torch.empty((2, chunks, c), device=x.device, dtype=torch.float32)
+    dx_coefficients = torch.empty((2, c), device=x.device, dtype=torch.float32) if training else unused
+    if rows > 0:
+        _backward_reduce_kernel[grid](dy, x, opt(residual), du, stats, partials, c, hw, rows, rows_per_chunk,
+                                      ACT=activation, HAS_RES=residual is not None, STORE_DU=store_du, **tiles)
+    _backward_coefficients_kernel[(triton.cdiv(c, _COEFF_BLOCK),)](
+        partials, chunks, opt(weight), opt(bias), opt(gate), stats, opt(dweight), opt(dbias), opt(dgate),
+        dx_coefficients, c, rows, TRAINING=training, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+        HAS_GATE=gate is not None, BLOCK_K=_CHUNK_BLOCK, BLOCK_C=_COEFF_BLOCK)
+    if need_dx and rows > 0:
+        _backward_apply_kernel[grid](dy, x, du, dx, stats, dx_coefficients, c, hw, rows, rows_per_chunk,
+                                     ACT=activation, TRAINING=training, DU_STORED=store_du, **tiles)
+    return dx, dweight, dbias, dgate, du
 
 
-class BnGateActFunction(torch.autograd.Function):
-    """``apply(x, weight, bias, running_mean, running_var, gate, residual, activation, momentum, eps,
-    training) -> y``; the running statistics are updated in place (no gradient)."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, running_mean, running_var, gate, residual, activation, momentum, eps,
-                training):
-        y, mean, rstd = bn_gate_act_forward(x, weight, bias, running_mean, running_var, gate, residual,
-                                            activation, momentum, eps, training)
-        ctx.activation, ctx.training = activation, training
-        ctx.has_residual = residual is not None
-        ctx.save_for_backward(x, weight, bias, gate, residual, mean, rstd)
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, weight, bias, gate, residual, mean, rstd = ctx.saved_tensors
-        n = ctx.needs_input_grad
-        dx, dweight, dbias, dgate, dres = bn_gate_act_backward(
-            dy, x, weight, bias, gate, residual, mean, rstd, ctx.activation, ctx.training,
-            (n[0], n[1], n[2], n[5], n[6]))
-        return dx, dweight, dbias, None, None, dgate, dres, None, None, None, None
+# ----------------------------------------------------------------------------------------------------------
+# Custom ops (torch.compile, torch.library.opcheck) and autograd
+# ----------------------------------------------------------------------------------------------------------
+# The running-statistics update is an op of its own: an op with a gradient must not mutate its inputs
+# (torch.library), and this one costs a single small launch.
+@torch.library.custom_op("s2hk::bn_gate_act_forward", mutates_args=())
+def _forward_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], running_mean: Optional[Tensor],
+                running_var: Optional[Tensor], gate: Optional[Tensor], residual: Optional[Tensor], activation: str,
+                eps: float, training: bool) -> Tuple[Tensor, Tensor]:
+    return _forward(x, weight, bias, running_mean, running_var, gate, residual, activation, eps, training)
 
 
-def bn_gate_act(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
-                running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor],
-                gate: Optional[torch.Tensor] = None, residual: Optional[torch.Tensor] = None,
+@_forward_op.register_fake
+def _forward_fake(x, weight, bias, running_mean, running_var, gate, residual, activation, eps, training):
+    _check_activation(activation)
+    _validate(x, dict(weight=weight, bias=bias, gate=gate, running_mean=running_mean, running_var=running_var),
+              residual, training, running_mean is not None and running_var is not None)
+    x = _layout(x)[0]
+    return torch.empty_like(x), x.new_empty((5, x.shape[1]), dtype=torch.float32)
+
+
+@torch.library.custom_op("s2hk::bn_update_running_stats", mutates_args=("running_mean", "running_var"))
+def _running_stats_op(running_mean: Tensor, running_var: Tensor, stats: Tensor, momentum: float, rows: int) -> None:
+    _update_running_stats(running_mean, running_var, stats, momentum, rows)
+
+
+@_running_stats_op.register_fake
+def _running_stats_fake(running_mean, running_var, stats, momentum, rows):
+    return None
+
+
+@torch.library.custom_op("s2hk::bn_gate_act_backward", mutates_args=())
+def _backward_op(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], gate: Optional[Tensor],
+                 residual: Optional[Tensor], stats: Tensor, activation: str, training: bool,
+                 need_dx: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return _backward(dy, x, weight, bias, gate, residual, stats, activation, training, need_dx)
+
+
+@_backward_op.register_fake
+def _backward_fake(dy, x, weight, bias, gate, residual, stats, activation, training, need_dx):
+    x = _layout(x)[0]
+    like = lambda t: torch.empty_like(t) if t is not None else x.new_empty(0)  # noqa: E731
+    store_du = residual is not None and activation != "identity"
+    return like(x if need_dx else None), like(weight), like(bias), like(gate), like(x if store_du else None)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, weight, bias, _, _, gate, residual, activation, _, training = inputs
+    ctx.activation, ctx.training = activation, training
+    # the residual is needed again only to recompute u for the activation's derivative
+    ctx.save_for_backward(x, weight, bias, gate, residual if activation != "identity" else None, output[1])
+    ctx.mark_non_differentiable(output[1])
+
+
+def _autograd_backward(ctx, dy: Tensor, _dstats: Tensor):
+    x, weight, bias, gate, residual, stats = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    dx, dweight, dbias, dgate, du = _backward_op(dy, x, weight, bias, gate, residual, stats, ctx.activation,
+                                                 ctx.training, needs[0])
+    dresidual = (dy if ctx.activation == "identity" else du) if needs[6] else None
+    chosen = lambda g, i: g if needs[i] else None  # noqa: E731
+    return (chosen(dx, 0), chosen(dweight, 1), chosen(dbias, 2), None, None, chosen(dgate, 5), dresidual,
+            None, None, None)
+
+
+_forward_op.register_autograd(_autograd_backward, setup_context=_setup_context)
+
+
+def bn_gate_act(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], running_mean: Optional[Tensor],
+                running_var: Optional[Tensor], gate: Optional[Tensor] = None, residual: Optional[Tensor] = None,
                 activation: Optional[str] = "relu", momentum: float = 0.1, eps: float = 1e-5,
-                training: bool = True) -> torch.Tensor:
-    """y = act(batch_norm(x) * gate + residual), differentiable, one reduction pass and one elementwise
-    pass per direction.
+                training: bool = True) -> Tensor:
+    """y = act(batch_norm(x) * gate + residual), differentiable; one reduction pass and one elementwise pass
+    over the activation per direction.
 
     Args:
-        x: (N, C, *spatial), NCHW-contiguous or channels_last (kept as is; other layouts are copied).
-        weight, bias: BN's affine parameters (C,) or None. running_mean, running_var: (C,) or None; updated
-            in place when training, like ``F.batch_norm``. gate: (C,) soft-path keep-probabilities or None
-            (the hard path). residual: like x or None. activation: "relu" | "hardswish" | "identity".
+        x: (N, C, *spatial); channels_last (or 2-D) and NCHW-contiguous are read as they are, other layouts
+            copied. weight, bias: BN's affine parameters (C,) or None. running_mean, running_var: (C,),
+            contiguous, or None; updated in place when training, as ``F.batch_norm`` does. gate: (C,) soft-path
+            keep-probabilities, or None (the hard path). residual: like x, or None. activation: "relu" |
+            "hardswish" | "identity" (None = identity). momentum: a float (the caller resolves the cumulative
+            average, ``momentum=None``).
     Returns:
-        y, same shape, dtype and memory format as x (fp32 arithmetic inside).
+        y: x's shape, dtype and memory layout (NCHW for a copied x); fp32 arithmetic inside.
 
     Under ``torch.autocast`` nothing is cast, as autocast leaves ``F.batch_norm``: x may be bf16 (a convolution's
     autocast output) while the parameters and running statistics stay fp32; statistics are computed and kept
     in fp32, y has x's dtype and every gradient its input's dtype.
     """
-    return BnGateActFunction.apply(x, weight, bias, running_mean, running_var, gate, residual, activation,
-                                   momentum, eps, training)
+    activation = _check_activation(activation)
+    if momentum is None:
+        raise ValueError("momentum=None (cumulative average) is not supported: pass the factor as a float")
+    y, stats = _forward_op(x, weight, bias, running_mean, running_var, gate, residual, activation, float(eps),
+                           bool(training))
+    if training and running_mean is not None and running_var is not None:
+        _running_stats_op(running_mean, running_var, stats, float(momentum), x.shape[0] * math.prod(x.shape[2:]))
+    return y
 
 
-def bn_gate_act_reference(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
-                          running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor],
-                          gate: Optional[torch.Tensor] = None, residual: Optional[torch.Tensor] = None,
+def bn_gate_act_reference(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                          running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                          gate: Optional[Tensor] = None, residual: Optional[Tensor] = None,
                           activation: Optional[str] = "relu", momentum: float = 0.1, eps: float = 1e-5,
-                          training: bool = True) -> torch.Tensor:
-    """Pure-PyTorch :func:`bn_gate_act` (F.batch_norm, multiply, add, activation)."""
+                          training: bool = True) -> Tensor:
+    """Pure-PyTorch :func:`bn_gate_act`: F.batch_norm, gate multiply, residual add, activation."""
     activation = _check_activation(activation)
     y = F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
     if gate is not None:
@@ -485,37 +599,47 @@ def bn_gate_act_reference(x: torch.Tensor, weight: Optional[torch.Tensor], bias:
 # Ahead-of-time specialisations
 # ----------------------------------------------------------------------------------------------------------
 def aot_variants() -> List[AotVariant]:
-    """The four kernels in bf16 and fp32, NCHW (unit position stride) and channels_last (unit channel
-    stride), with gate, residual and hardswish (the most code), as the launcher would specialise them."""
+    """Every kernel as the GPU launcher specialises it, with gate, residual and hardswish (the most code):
+    the four streaming kernels in bf16, fp16 and fp32, row-major (channels_last; C a multiple of 16, so
+    16-byte loads) and NCHW (HW a multiple of 16); the per-channel kernels once (per x dtype where they
+    read x)."""
     out: List[AotVariant] = []
-    for dt in ("bf16", "fp32"):
-        for layout, unit in (("nchw", "stride_hw"), ("nhwc", "stride_c")):
-            block_c, block_s = _blocks(64, 1 if layout == "nhwc" else 4096, interpreted=False)
-            ints = {k: "i32" for k in ("C", "HW", "count", "rows_per_chunk", "stride_n", "stride_c",
-                                       "stride_hw") if k != unit}
-            blocks = {unit: 1, "BLOCK_C": block_c, "BLOCK_S": block_s}
-            flags = dict(HAS_WEIGHT=True, HAS_BIAS=True, HAS_GATE=True)
-            tag = f"{dt}_{layout}"
-            out.append(AotVariant(f"bn_stats_{tag}", _bn_stats_kernel, dict(x=f"*{dt}", part="*fp32", **ints),
-                                  blocks, num_warps=4, num_stages=1))
-            out.append(AotVariant(
-                f"bn_forward_{tag}", _bn_forward_kernel,
-                dict(x=f"*{dt}", residual=f"*{dt}", y=f"*{dt}", weight="*fp32", bias="*fp32", gate="*fp32",
-                     part="*fp32", mean="*fp32", rstd="*fp32", running_mean="*fp32", running_var="*fp32",
-                     momentum="fp32", eps="fp32", **ints),
-                dict(ACT="hardswish", TRAINING=True, UPDATE_RUNNING=True, HAS_RES=True, **flags, **blocks),
-                num_warps=4, num_stages=1))
-            out.append(AotVariant(
-                f"bn_backward_reduce_{tag}", _bn_backward_reduce_kernel,
-                dict(dy=f"*{dt}", x=f"*{dt}", residual=f"*{dt}", du_out=f"*{dt}", weight="*fp32",
-                     bias="*fp32", gate="*fp32", mean="*fp32", rstd="*fp32", part="*fp32", **ints),
-                dict(ACT="hardswish", HAS_RES=True, STORE_DU=True, **flags, **blocks), num_warps=4,
-                num_stages=1))
-            out.append(AotVariant(
-                f"bn_backward_apply_{tag}", _bn_backward_apply_kernel,
-                dict(dy=f"*{dt}", x=f"*{dt}", residual=f"*{dt}", du_in=f"*{dt}", dx=f"*{dt}", weight="*fp32",
-                     bias="*fp32", gate="*fp32", mean="*fp32", rstd="*fp32", part="*fp32", dweight="*fp32",
-                     dbias="*fp32", dgate="*fp32", **ints),
-                dict(ACT="hardswish", TRAINING=True, HAS_RES=True, DU_STORED=True, NEED_DX=True, **flags,
-                     **blocks), num_warps=4, num_stages=1))
+    ints = {k: "i32" for k in ("C", "HW", "rows_total", "rows_per_chunk", "n_chunks")}
+    flags = dict(HAS_WEIGHT=True, HAS_BIAS=True, HAS_GATE=True)
+    for dt in ("bf16", "fp16", "fp32"):
+        for row_major in (True, False):
+            block_r, block_c, _, _ = _grid(2 ** 20, 256, row_major, torch.device("cpu"))
+            tiles = dict(ROW_MAJOR=row_major, BLOCK_R=block_r, BLOCK_C=block_c)
+            aligned = ("C",) if row_major else ("HW",)
+            tag = f"{dt}_{'rows' if row_major else 'nchw'}"
+
+            def variant(name, kernel, types, constexprs):
+                out.append(AotVariant(f"bn_{name}_{tag}", kernel, {**types, **ints},
+                                      {**constexprs, **tiles}, num_warps=_WARPS, num_stages=1, aligned=aligned))
+
+            variant("stats", _stats_kernel, dict(x=f"*{dt}", partials="*fp32"), {})
+            variant("forward_apply", _forward_apply_kernel,
+                    dict(x=f"*{dt}", residual=f"*{dt}", y=f"*{dt}", stats="*fp32"),
+                    dict(ACT="hardswish", HAS_RES=True))
+            variant("backward_reduce", _backward_reduce_kernel,
+                    dict(dy=f"*{dt}", x=f"*{dt}", residual=f"*{dt}", du_out=f"*{dt}", stats="*fp32",
+                         partials="*fp32"), dict(ACT="hardswish", HAS_RES=True, STORE_DU=True))
+            variant("backward_apply", _backward_apply_kernel,
+                    dict(dy=f"*{dt}", x=f"*{dt}", du_in=f"*{dt}", dx=f"*{dt}", stats="*fp32",
+                         dx_coefficients="*fp32"), dict(ACT="hardswish", TRAINING=True, DU_STORED=False))
+        out.append(AotVariant(
+            f"bn_forward_coefficients_{dt}", _forward_coefficients_kernel,
+            dict(x=f"*{dt}", partials="*fp32", weight="*fp32", bias="*fp32", gate="*fp32", running_mean="*fp32",
+                 running_var="*fp32", stats="*fp32", eps="fp32", **ints),
+            dict(TRAINING=True, ROW_MAJOR=True, BLOCK_K=_CHUNK_BLOCK, BLOCK_C=_COEFF_BLOCK, **flags), num_warps=4,
+            num_stages=1))
+    out.append(AotVariant(
+        "bn_backward_coefficients", _backward_coefficients_kernel,
+        dict(partials="*fp32", weight="*fp32", bias="*fp32", gate="*fp32", stats="*fp32", dweight="*fp32",
+             dbias="*fp32", dgate="*fp32", dx_coefficients="*fp32", **ints),
+        dict(TRAINING=True, BLOCK_K=_CHUNK_BLOCK, BLOCK_C=_COEFF_BLOCK, **flags), num_warps=4, num_stages=1))
+    out.append(AotVariant(
+        "bn_running_stats", _running_stats_kernel,
+        dict(running_mean="*fp32", running_var="*fp32", stats="*fp32", momentum="fp32", **ints),
+        dict(BLOCK_C=_COEFF_BLOCK), num_warps=4, num_stages=1))
     return out
