@@ -11,7 +11,8 @@ extension ``s2hk._C`` (csrc/, CPU and CUDA kernels) and/or a ``triton`` kernel (
   kind it does not have raises;
 - ``auto`` takes the first implementation the op lists (fastest first) that can run on the tensors' device, and
   falls back quietly to the reference. A Triton kernel is taken by ``auto`` only where :data:`TRITON_WINS`
-  records it measured faster on that device type -- never for CPU tensors (its CPU interpreter is for tests);
+  records it measured faster on that very GPU model (by name) -- never for CPU tensors (its CPU interpreter is
+  for tests);
 - an explicit request that cannot be honoured raises :class:`ImplementationUnavailable`, naming the op and
   what is missing.
 
@@ -25,27 +26,64 @@ import contextvars
 import functools
 import importlib
 import importlib.util
+import json
 import os
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from types import ModuleType
 from typing import Iterator, Optional, Sequence, Union
 
 import torch
 
-__all__ = ["IMPLS", "TRITON_WINS", "ImplementationUnavailable", "extension", "requested_impl", "use_impl",
-           "choose"]
+__all__ = ["IMPLS", "TRITON_WINS", "RESULTS_DIR", "ImplementationUnavailable", "extension", "requested_impl",
+           "use_impl", "choose", "load_triton_wins"]
 
 #: Values of ``S2HK_IMPL`` / :func:`use_impl`.
 IMPLS = ("auto", "reference", "cpp", "triton")
 
-#: The table of measured wins: op -> the device types on which its Triton kernel was measured faster than the
-#: implementation it replaces (the PyTorch composition or the C++ op), on the shapes that matter. ``auto`` runs
-#: a Triton kernel only where it is listed here; an explicit ``triton`` request does not consult it.
-#: Empty until a GPU benchmark fills it: bench/test_bench_kernels.py times each kernel against its composition
-#: (results in bench/results/); add ``"op": ("cuda",)`` once an op wins there, citing the measurement.
-#: Until then ``auto`` keeps the PyTorch composition everywhere (bn_gate_act, dual_linear, dual_conv).
-TRITON_WINS: dict[str, tuple[str, ...]] = {}
+#: Where ``bench/kernels_gpu.py`` writes its measurements, one file per GPU model: ``kernels-<device>.json``
+#: (bench/results of the source tree; ``S2HK_KERNEL_RESULTS`` names another directory).
+RESULTS_DIR = Path(os.environ.get("S2HK_KERNEL_RESULTS")
+                   or Path(__file__).resolve().parent.parent / "bench" / "results")
+
+
+def load_triton_wins(directory: Union[str, Path] = RESULTS_DIR) -> dict[str, tuple[str, ...]]:
+    """op -> the names of the GPU models (``torch.cuda.get_device_name``) on which ``bench/kernels_gpu.py``
+    measured the op's Triton kernel faster than the implementation it replaces, read from every
+    ``kernels-*.json`` in ``directory`` (its ``"device"`` and ``"wins"`` entries). A missing directory, or an
+    unreadable file, contributes no win: ``auto`` then keeps the PyTorch composition."""
+    wins: dict[str, list[str]] = {}
+    for path in sorted(Path(directory).glob("kernels-*.json")):
+        try:
+            record = json.loads(path.read_text())
+            device, ops = str(record["device"]), [str(op) for op in record["wins"]]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        for op in ops:
+            wins.setdefault(op, []).append(device)
+    return {op: tuple(devices) for op, devices in wins.items()}
+
+
+#: The table of measured wins, read at import from the committed measurements (:func:`load_triton_wins`):
+#: op -> the GPU models on which its Triton kernel was measured faster than the PyTorch composition (or C++ op)
+#: it replaces, in every case the benchmark's verdict counts. ``auto`` runs a Triton kernel only on a GPU
+#: listed here for the op; an explicit ``triton`` request does not consult it.
+TRITON_WINS: dict[str, tuple[str, ...]] = load_triton_wins()
+
+
+@functools.lru_cache(maxsize=None)
+def _gpu_name(index: int) -> str:
+    return torch.cuda.get_device_name(index)
+
+
+def _measured_win(op: str, device: torch.device) -> bool:
+    """Whether :data:`TRITON_WINS` lists ``device``'s GPU model for ``op`` (no device query when it lists none)."""
+    names = TRITON_WINS.get(op, ())
+    if device.type != "cuda" or not names:
+        return False
+    return _gpu_name(device.index if device.index is not None else torch.cuda.current_device()) in names
+
 
 _BUILD_HINT = ("build it with `pip install -e . --no-build-isolation` from the s2hk source tree (needs a C++17 "
                "compiler; its CUDA kernels also need a CUDA build of torch and nvcc at build time)")
@@ -220,7 +258,7 @@ def choose(op: str, device: Union[torch.device, str], kinds: Sequence[str]) -> s
         return "reference"
     if requested == "auto":
         for kind in kinds:
-            if kind == "triton" and (device.type != "cuda" or device.type not in TRITON_WINS.get(op, ())):
+            if kind == "triton" and not _measured_win(op, device):
                 continue
             if _missing(op, kind, device) is None:
                 return kind

@@ -1,6 +1,8 @@
-"""s2hk.dispatch: S2HK_IMPL, in-process overrides, quiet fallback, clear errors, the once-only warning."""
+"""s2hk.dispatch: S2HK_IMPL, in-process overrides, quiet fallback, clear errors, the once-only warning, and
+the table of measured Triton wins read from the benchmark results."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -160,3 +162,53 @@ def test_import_without_extension_never_fails():
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split()[0] == "1", result.stdout + result.stderr
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Measured Triton wins (bench/kernels_gpu.py's JSON, one file per GPU model)
+# ----------------------------------------------------------------------------------------------------------
+H200, A100 = "NVIDIA H200", "NVIDIA A100-SXM4-80GB"
+
+
+def _write_results(directory) -> None:
+    """Two GPU models' measurements, a broken file and a file the loader must not read."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, record in (("kernels-nvidia-h200.json", {"device": H200, "wins": ["bn_gate_act"], "cases": []}),
+                         ("kernels-nvidia-a100.json", {"device": A100, "wins": ["bn_gate_act", "dual_linear"]}),
+                         ("gpu-check-nvidia-h200.json", {"device": H200, "wins": ["dual_conv"]})):
+        (directory / name).write_text(json.dumps(record))
+    (directory / "kernels-broken.json").write_text("{not json")
+
+
+def test_loader_reads_every_gpu_models_wins(tmp_path):
+    _write_results(tmp_path)
+    assert dispatch.load_triton_wins(tmp_path) == {"bn_gate_act": (A100, H200), "dual_linear": (A100,)}
+    assert dispatch.load_triton_wins(tmp_path / "missing") == {}
+
+
+def test_table_is_filled_at_import_from_the_results_directory(tmp_path):
+    _write_results(tmp_path)
+    script = "import s2hk.dispatch as d; print(sorted(d.TRITON_WINS.items()))"
+    env = {**os.environ, "S2HK_KERNEL_RESULTS": str(tmp_path)}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == str(sorted({"bn_gate_act": (A100, H200), "dual_linear": (A100,)}.items()))
+
+
+def test_auto_takes_triton_only_on_a_gpu_model_measured_faster(tmp_path, monkeypatch, clean_env):
+    from s2hk import kernels
+
+    _write_results(tmp_path)
+    monkeypatch.setattr(dispatch, "TRITON_WINS", dispatch.load_triton_wins(tmp_path))
+    monkeypatch.setattr(dispatch, "_gpu_name", lambda index: H200)
+    monkeypatch.setattr(kernels, "unavailable", lambda device: None)  # as if the kernels could run anywhere
+    assert dispatch.choose("bn_gate_act", "cuda:0", ("triton",)) == "triton"
+    assert dispatch.choose("dual_linear", "cuda:0", ("triton",)) == "reference"  # a win on another GPU only
+    assert dispatch.choose("dual_conv", "cuda:0", ("triton",)) == "reference"    # never measured faster
+    assert dispatch.choose("bn_gate_act", "cpu", ("triton",)) == "reference"     # never the CPU interpreter
+    with dispatch.use_impl("triton"):  # an explicit request does not consult the table
+        assert dispatch.choose("dual_conv", "cuda:0", ("triton",)) == "triton"
+    monkeypatch.setattr(dispatch, "_gpu_name", lambda index: A100)
+    assert dispatch.choose("dual_linear", "cuda:0", ("triton",)) == "triton"
+    monkeypatch.setattr(kernels, "unavailable", lambda device: "CUDA is not available")
+    assert dispatch.choose("dual_linear", "cuda:0", ("triton",)) == "reference"  # measured, cannot run: back
