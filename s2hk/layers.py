@@ -14,9 +14,10 @@ A channel selection is ``None`` (all channels), an ``int`` k (the prefix ``0..k-
 
 Implementations (:mod:`s2hk.dispatch`, op ``"bn_gate_act"``): a gated BatchNorm on the soft path and every
 BatchNorm on the hard path run either the PyTorch composition below or the fused Triton kernel
-``s2hk.kernels.bn_gate_act`` (normalisation and gate in one pass per direction; activations are separate graph
-nodes here, so its activation is the identity). ``S2HK_IMPL=triton`` (or ``bn_gate_act=triton``) forces the
-kernel; ``auto`` takes it only where :data:`s2hk.dispatch.TRITON_WINS` lists it; ``reference`` and ``cpp`` run
+``s2hk.kernels.bn_gate_act`` (normalisation and gate in one pass per direction; activations and residual adds
+are separate graph nodes here, so its activation is the identity and it gets no residual). ``S2HK_IMPL=triton``
+(or ``bn_gate_act=triton``) forces the kernel; ``auto`` takes it only where :data:`s2hk.dispatch.TRITON_WINS`
+lists it, and only for channels_last (or 2-D) activations, the layout measured; ``reference`` and ``cpp`` run
 the composition (there is no C++ op: ``F.batch_norm`` is aten's own). The dense path, and an ungated norm on
 the soft path, is the user's layer itself; LayerNorm always runs the composition.
 
@@ -254,8 +255,11 @@ _DUAL_CONV_OP = "dual_conv"
 
 def _bn_impl(x: Tensor) -> str:
     """``"triton"`` where dispatch picks the fused kernel for a BatchNorm on ``x``'s device, else
-    ``"reference"``; raises ImplementationUnavailable where Triton is forced but cannot run there."""
-    if dispatch.requested_impl(_BN_OP) in ("reference", "cpp"):
+    ``"reference"``; raises ImplementationUnavailable where Triton is forced but cannot run there. ``auto``
+    considers the kernel only for activations with channels innermost in memory (channels_last, 2-D): the
+    layout GPU training uses and the one its measured wins are for."""
+    requested = dispatch.requested_impl(_BN_OP)
+    if requested in ("reference", "cpp") or (requested == "auto" and not x.movedim(1, -1).is_contiguous()):
         return "reference"
     return dispatch.choose(_BN_OP, x.device, ("triton",))
 
