@@ -1,10 +1,13 @@
 """s2hk.data: datasets in their real on-disk formats, errors, augmentation, deterministic resumable loaders."""
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -270,9 +273,10 @@ def test_tiny_imagenet_missing_and_malformed(tiny_root):
     ann.write_text(text)
     bad = root / "train" / "n01629819" / "images" / "n01629819_2.JPEG"
     bad.write_bytes(b"\xff\xd8\xff truncated jpeg")
-    train, _ = make_loaders("tinyimagenet", root=str(tiny_root), batch_size=12)
-    with pytest.raises(DatasetError, match=str(bad)):
-        next(iter(train))
+    with pytest.raises(DatasetError, match=str(bad) + ": unreadable image"):  # refused before any batch
+        make_loaders("tinyimagenet", root=str(tiny_root), batch_size=12)
+    train, _ = make_loaders("tinyimagenet", root=str(tiny_root), batch_size=11, skip_bad_files=True)
+    assert train.skipped_files == [str(bad)] and train.num_samples == 11
     images = root / "train" / "n01641577" / "images"
     for f in images.iterdir():
         f.unlink()
@@ -310,13 +314,58 @@ def test_class_folders_missing_and_malformed(folder_root, tmp_path):
     stray.rmdir()
     bad = folder_root / "val" / "dog" / "dog_0.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n broken")
-    _, val = make_loaders("imagefolder", root=str(folder_root), batch_size=4, image_size=32)
-    with pytest.raises(DatasetError, match=str(bad)):
-        list(val)
+    with pytest.raises(DatasetError, match=str(bad) + ": unreadable image"):
+        make_loaders("imagefolder", root=str(folder_root), batch_size=4, image_size=32)
     val_dir = folder_root / "val"
     os.rename(val_dir, tmp_path / "moved")
     with pytest.raises(DatasetError, match=str(val_dir) + ": missing"):
         load_dataset("imagefolder", str(folder_root))
+
+
+def _truncate(path: Path, keep: float = 0.5) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+def test_unreadable_files_are_refused_up_front_or_skipped(folder_root):
+    """A truncated PNG in val/ is refused when the loaders are made (before any training), naming it and how
+    many others fail; skip_bad_files leaves such files out of both splits and lists them."""
+    bad_val = folder_root / "val" / "eel" / "eel_0.png"
+    bad_train = folder_root / "train" / "cat" / "cat_2.png"
+    bad_train2 = folder_root / "train" / "dog" / "dog_1.png"
+    for path in (bad_val, bad_train, bad_train2):
+        assert path.is_file()
+        _truncate(path)
+    with pytest.raises(DatasetError, match=re.escape(str(bad_train)) + r": unreadable image .*1 more of the 15"):
+        make_loaders("imagefolder", root=str(folder_root), batch_size=4, image_size=32)
+    train, val = make_loaders("imagefolder", root=str(folder_root), batch_size=4, image_size=32,
+                              skip_bad_files=True)
+    assert train.skipped_files == sorted([str(bad_train), str(bad_train2)]) and train.num_samples == 13
+    assert val.skipped_files == [str(bad_val)] and val.num_samples == 5
+    assert sum(int(y.numel()) for _, y in val) == 5
+
+
+def _jpeg_with_bad_data(path: Path) -> None:
+    """A JPEG whose header passes the load-time check but whose pixel data cannot be decoded."""
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_files_failing_to_decode_are_left_out_of_their_batch(folder_root, workers):
+    bad = folder_root / "val" / "cat" / "cat_0.JPEG"
+    _jpeg_with_bad_data(bad)
+    _, val = make_loaders("imagefolder", root=str(folder_root), batch_size=4, image_size=32, num_workers=workers)
+    assert val.skipped_files == []  # the header is intact: the check passes it
+    with pytest.raises(DatasetError, match=str(bad)):
+        list(val)
+    _, val = make_loaders("imagefolder", root=str(folder_root), batch_size=4, image_size=32, num_workers=workers,
+                          skip_bad_files=True)
+    with pytest.warns(RuntimeWarning, match="left out") if workers == 0 else contextlib.nullcontext():
+        batches = list(val)
+    assert [int(y.numel()) for _, y in batches] == [3, 2]
+    assert [y.tolist() for _, y in batches] == [[0, 1, 1], [2, 2]]
+    assert val.skipped_files == [str(bad)]
 
 
 def test_class_folders_workers_keep_determinism(folder_root):

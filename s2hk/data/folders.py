@@ -3,6 +3,11 @@
 Only the file list is built at load time (sorted, so indices are stable across machines); pixels are
 decoded when a batch asks for them. Images are converted to RGB, so grayscale or CMYK files are fine.
 
+Every listed file is checked when the dataset is loaded, before any training (:func:`check_images`: PIL reads
+its header, and the chunk checksums of a PNG), so an unreadable file is refused up front, naming it; with
+``skip_bad_files=True`` such files are left out instead (``FileSplit.skipped`` lists them), as are files that
+pass the check but fail to decode later (a truncated JPEG), batch by batch.
+
 - Tiny-ImageNet (``tiny-imagenet-200/``): ``train/<wnid>/images/*.JPEG``; ``val/images/*.JPEG`` labelled by
   ``val/val_annotations.txt`` (tab-separated ``file wnid x y w h``); the class order is ``wnids.txt`` when
   present, else the sorted training folders. ``root`` may be that folder or its parent.
@@ -16,6 +21,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -24,7 +30,8 @@ from torch import Tensor
 from .errors import DatasetError
 from .splits import IMAGENET_MEAN, IMAGENET_STD, DatasetBundle, FileSplit
 
-__all__ = ["IMAGE_EXTENSIONS", "decode_image", "list_class_folder", "load_tiny_imagenet", "load_image_folder"]
+__all__ = ["IMAGE_EXTENSIONS", "decode_image", "check_images", "list_class_folder", "load_tiny_imagenet",
+           "load_image_folder"]
 
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png")
 
@@ -44,6 +51,46 @@ def decode_image(path: str) -> Tensor:
         raise DatasetError(f"{path}: unreadable image ({type(err).__name__}: {err}); expected a JPEG or "
                            "PNG file") from None
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+def _probe(path: str) -> str | None:
+    """Why ``path`` is not a readable image (PIL's header parse and ``verify``), or None when it is."""
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(path) as img:
+                img.verify()
+    except Exception as err:  # PIL raises many types for truncated or foreign files
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
+def check_images(files: list[str], labels: list[int], skip_bad_files: bool = False) -> FileSplit:
+    """The split of ``files`` / ``labels`` after checking that every file opens as an image.
+
+    The check reads each file's header with PIL and runs ``Image.verify`` (for PNG: every chunk's checksum, so
+    a truncated PNG is caught; for JPEG: the header only), in threads; it costs a small read per file, not a
+    decode. An unreadable file raises :class:`DatasetError` naming it (and how many others fail) unless
+    ``skip_bad_files``, which leaves such files out (listed in ``FileSplit.skipped``) and makes the batches
+    leave out files that fail to decode later.
+    """
+    with ThreadPoolExecutor(max_workers=min(32, 4 * (os.cpu_count() or 1))) as pool:
+        problems = list(pool.map(_probe, files))
+    bad = [i for i, p in enumerate(problems) if p is not None]
+    if bad and not skip_bad_files:
+        others = f"; {len(bad) - 1} more of the {len(files)} files are unreadable too" if len(bad) > 1 else ""
+        raise DatasetError(f"{files[bad[0]]}: unreadable image ({problems[bad[0]]}){others}; replace or remove "
+                           "it, or leave unreadable files out with skip_bad_files=True (s2hk prune "
+                           "--skip-bad-files)")
+    if len(bad) == len(files) and files:
+        raise DatasetError(f"{os.path.dirname(files[0])}: none of the {len(files)} images is readable "
+                           f"(first: {files[0]}: {problems[0]})")
+    dropped = set(bad)
+    return FileSplit([f for i, f in enumerate(files) if i not in dropped],
+                     torch.tensor([c for i, c in enumerate(labels) if i not in dropped], dtype=torch.int64),
+                     skipped=[files[i] for i in bad], skip_unreadable=skip_bad_files)
 
 
 def _is_image(name: str) -> bool:
@@ -90,10 +137,6 @@ def list_class_folder(folder: str, classes: list[str] | None = None,
     return files, labels, classes
 
 
-def _split(files: list[str], labels: list[int]) -> FileSplit:
-    return FileSplit(files, torch.tensor(labels, dtype=torch.int64))
-
-
 def _bundle(name: str, train: FileSplit, val: FileSplit, classes: list[str], image_size: int | None) -> DatasetBundle:
     return DatasetBundle(name=name, train=train, val=val, num_classes=len(classes), channels=3,
                          mean=torch.tensor(IMAGENET_MEAN), std=torch.tensor(IMAGENET_STD),
@@ -131,7 +174,7 @@ def _tiny_classes(root: str, train_dir: str) -> list[str]:
     return _subfolders(train_dir)
 
 
-def _tiny_val(root: str, index: dict[str, int]) -> FileSplit:
+def _tiny_val(root: str, index: dict[str, int], skip_bad_files: bool) -> FileSplit:
     val_dir = os.path.join(root, "val")
     images_dir = os.path.join(val_dir, "images")
     ann_path = os.path.join(val_dir, "val_annotations.txt")
@@ -160,11 +203,12 @@ def _tiny_val(root: str, index: dict[str, int]) -> FileSplit:
     if not files:
         raise DatasetError(f"{ann_path}: no annotations; expected one line per validation image")
     order = sorted(range(len(files)), key=files.__getitem__)
-    return _split([files[i] for i in order], [labels[i] for i in order])
+    return check_images([files[i] for i in order], [labels[i] for i in order], skip_bad_files)
 
 
-def load_tiny_imagenet(root: str) -> DatasetBundle:
-    """Tiny-ImageNet (200 classes of 64x64 images) from ``root`` as lazily decoded file lists."""
+def load_tiny_imagenet(root: str, skip_bad_files: bool = False) -> DatasetBundle:
+    """Tiny-ImageNet (200 classes of 64x64 images) from ``root`` as lazily decoded file lists, every file
+    checked (:func:`check_images`)."""
     root = _find_tiny_root(root)
     train_dir = os.path.join(root, "train")
     if not os.path.isdir(train_dir):
@@ -182,16 +226,17 @@ def load_tiny_imagenet(root: str) -> DatasetBundle:
         labels.extend([label] * len(images))
     if not files:
         raise DatasetError(f"{train_dir}: no class folders; expected {_TINY_HINT}")
-    val = _tiny_val(root, {wnid: i for i, wnid in enumerate(classes)})
-    return _bundle("tinyimagenet", _split(files, labels), val, classes, image_size=64)
+    val = _tiny_val(root, {wnid: i for i, wnid in enumerate(classes)}, skip_bad_files)
+    return _bundle("tinyimagenet", check_images(files, labels, skip_bad_files), val, classes, image_size=64)
 
 
 # ---------------------------------------------------------------------------------------------------------
 # ImageNet-style class folders
 # ---------------------------------------------------------------------------------------------------------
 
-def load_image_folder(root: str) -> DatasetBundle:
-    """Class folders ``root/train/<class>/...`` and ``root/val/<class>/...`` as lazily decoded file lists."""
+def load_image_folder(root: str, skip_bad_files: bool = False) -> DatasetBundle:
+    """Class folders ``root/train/<class>/...`` and ``root/val/<class>/...`` as lazily decoded file lists, every
+    file checked (:func:`check_images`)."""
     root = os.path.abspath(os.path.expanduser(root))
     if not os.path.isdir(root):
         raise DatasetError(f"{root}: missing; expected a folder with train/<class>/*.JPEG|jpg|png and "
@@ -200,5 +245,5 @@ def load_image_folder(root: str) -> DatasetBundle:
                                                            what="training class folders")
     val_files, val_labels, _ = list_class_folder(os.path.join(root, "val"), classes,
                                                  what="validation class folders")
-    return _bundle("imagefolder", _split(train_files, train_labels), _split(val_files, val_labels), classes,
-                   image_size=None)
+    return _bundle("imagefolder", check_images(train_files, train_labels, skip_bad_files),
+                   check_images(val_files, val_labels, skip_bad_files), classes, image_size=None)

@@ -13,9 +13,12 @@ keeps the last incomplete batch and applies the deterministic evaluation transfo
 
 Batches are ``(x, y)``: ``x`` float32 ``(B, C, S, S)`` normalised images, ``y`` int64 ``(B,)`` labels; with
 ``two_views=True`` a training batch is ``((x1, x2), y)``, two independent augmentations of the same images.
+A file split that skips unreadable files (``skip_bad_files``) serves a batch without the images that fail to
+decode (``B`` smaller by as many); :attr:`Loader.skipped_files` lists them.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence, Union
 
@@ -24,6 +27,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from .augment import Augmentation, normalize, to_float
+from .errors import DatasetError
 from .folders import decode_image
 from .seeding import AUGMENT_STREAM, ORDER_STREAM, make_generator
 from .splits import FileSplit, TensorSplit
@@ -79,7 +83,10 @@ class TensorBatches:
 
 
 class FileBatches:
-    """Batches of a file split: decode each image with PIL, then augment (per image where sizes vary)."""
+    """Batches of a file split: decode each image with PIL, then augment (per image where sizes vary).
+
+    ``skipped``: the split's unreadable files left out so far, in the order found (an ordered set: a dict
+    with None values) -- at listing, and (``split.skip_unreadable``) when a batch failed to decode them."""
 
     parallel = True  # decoding dominates, so worker processes help
 
@@ -89,23 +96,41 @@ class FileBatches:
         self.augment = augment
         self.image_size = image_size
         self.mean, self.std = mean, std
+        self.skip_unreadable = split.skip_unreadable
+        self.skipped: dict[str, None] = dict.fromkeys(split.skipped)
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
     def __call__(self, indices: Tensor, generators: Sequence[torch.Generator | None]) -> tuple[list[Tensor], Tensor]:
-        """Views (one per generator) ``(B, 3, S, S)`` and labels ``(B,)`` of the samples ``indices``."""
-        images = [decode_image(self.files[i]) for i in indices.tolist()]
+        """Views (one per generator) ``(B, 3, S, S)`` and labels ``(B,)`` of the samples ``indices`` (without
+        the images that fail to decode, when skipping them)."""
+        images, kept = [], []
+        for position, i in enumerate(indices.tolist()):
+            try:
+                images.append(decode_image(self.files[i]))
+            except DatasetError as err:
+                if not self.skip_unreadable:
+                    raise
+                if self.files[i] not in self.skipped:
+                    self.skipped[self.files[i]] = None
+                    warnings.warn(f"left out: {err}", RuntimeWarning, stacklevel=2)
+                continue
+            kept.append(position)
+        if not images:
+            raise DatasetError(f"{self.files[int(indices[0])]}: no image of this batch of {len(indices)} is "
+                               "readable; check the dataset folder")
         views = [normalize(self.augment.apply_images(images, self.image_size, gen), self.mean, self.std)
                  for gen in generators]
-        return views, self.labels[indices]
+        return views, self.labels[indices[kept]]
 
 
 BatchSource = Union[TensorBatches, FileBatches]
 
 
 class _EpochBatches(Dataset):
-    """Batches ``start..`` of one epoch as a map-style dataset, so DataLoader workers can build them."""
+    """Batches ``start..`` of one epoch as a map-style dataset, so DataLoader workers can build them; each item
+    is ``(batch, files newly skipped while building it)``, so the main process learns what workers skipped."""
 
     def __init__(self, loader: "Loader", epoch: int, start: int) -> None:
         self.loader, self.epoch, self.start = loader, epoch, start
@@ -113,8 +138,11 @@ class _EpochBatches(Dataset):
     def __len__(self) -> int:
         return len(self.loader) - self.start
 
-    def __getitem__(self, i: int) -> Batch:
-        return self.loader.batch(self.epoch, self.start + i)
+    def __getitem__(self, i: int) -> tuple[Batch, list[str]]:
+        skipped = getattr(self.loader.source, "skipped", {})
+        known = len(skipped)
+        batch = self.loader.batch(self.epoch, self.start + i)
+        return batch, list(skipped)[known:]
 
 
 class Loader:
@@ -152,6 +180,12 @@ class Loader:
                              "with the last incomplete batch dropped no batch would be produced")
 
     # -- facts -------------------------------------------------------------------------------------------
+    @property
+    def skipped_files(self) -> list[str]:
+        """Unreadable image files left out (``skip_bad_files``): at listing, and by the batches built so far
+        (in this process or its workers); sorted paths."""
+        return sorted(getattr(self.source, "skipped", {}))
+
     @property
     def num_samples(self) -> int:
         """Images in the split (``N``)."""
@@ -233,7 +267,9 @@ class Loader:
         loader = DataLoader(_EpochBatches(self, epoch, start), batch_size=None, shuffle=False,
                             num_workers=self.num_workers, pin_memory=self.pin_memory,
                             collate_fn=_as_is, generator=make_generator(ORDER_STREAM, self.seed, epoch, start))
-        for x, y in loader:
+        for (x, y), skipped in loader:
+            if skipped:
+                self.source.skipped.update(dict.fromkeys(skipped))
             # pin_memory turns tuples into lists; restore the documented structure.
             yield (tuple(x) if self.two_views else x), y
 

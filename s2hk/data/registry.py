@@ -28,7 +28,8 @@ class DatasetSpec:
     default served side length in pixels; ``augment``/``eval_transform``: names in
     :data:`s2hk.data.augment.AUGMENTATIONS`; ``needs_root``: whether ``make_loaders`` requires ``root``;
     ``load``: builds the :class:`DatasetBundle` (``root`` first when ``needs_root``; ``image_size`` is
-    passed when ``sized``, i.e. when the images are stored at the served size).
+    passed when ``sized``, i.e. when the images are stored at the served size); ``image_files``: the images
+    are files decoded lazily, checked at load and skippable when unreadable (``skip_bad_files``).
     """
 
     name: str
@@ -40,6 +41,7 @@ class DatasetSpec:
     sized: bool
     load: Callable[..., DatasetBundle]
     description: str
+    image_files: bool = False
 
 
 DATASETS: dict[str, DatasetSpec] = {
@@ -51,9 +53,10 @@ DATASETS: dict[str, DatasetSpec] = {
         DatasetSpec("cifar100", 100, 32, "crop_flip", "none", True, False, lambda root: load_cifar(root, 100),
                     "CIFAR-100 python pickles (cifar-100-python)"),
         DatasetSpec("tinyimagenet", 200, 64, "crop_flip", "none", True, False, load_tiny_imagenet,
-                    "Tiny-ImageNet 64x64 JPEG folders (tiny-imagenet-200)"),
+                    "Tiny-ImageNet 64x64 JPEG folders (tiny-imagenet-200)", image_files=True),
         DatasetSpec("imagefolder", None, 224, "resized_crop_flip", "resize_center_crop", True, False,
-                    load_image_folder, "ImageNet-style train/<class>/ and val/<class>/ image folders"),
+                    load_image_folder, "ImageNet-style train/<class>/ and val/<class>/ image folders",
+                    image_files=True),
         DatasetSpec("synthetic", 10, 32, "crop_flip", "none", False, True, load_synthetic,
                     "deterministic random class-prototype images for benchmarks"),
     )
@@ -120,7 +123,9 @@ def make_loaders(name: str, root: str | None = None, batch_size: int = 64, image
         two_views: training batches become ``((x1, x2), y)``, two independent augmentations.
         **kwargs: ``augment`` / ``eval_transform`` (augmentation names or instances overriding the
             dataset defaults), ``val_batch_size``, ``device`` (keep in-memory images there and augment on
-            it), ``pin_memory``, and dataset options (see :func:`load_dataset`).
+            it), ``pin_memory``, and dataset options (see :func:`load_dataset`; for image-file datasets
+            ``skip_bad_files=True`` leaves unreadable files out instead of refusing them, see
+            :func:`s2hk.data.folders.check_images` and ``Loader.skipped_files``).
 
     Returns:
         ``(train_loader, val_loader)``; both yield normalised float32 ``(B, C, S, S)`` images and int64

@@ -32,10 +32,16 @@ class TensorSplit:
 
 @dataclass
 class FileSplit:
-    """Images decoded lazily: ``files[i]`` is an image path with class ``labels[i]`` (int64 ``(N,)``)."""
+    """Images decoded lazily: ``files[i]`` is an image path with class ``labels[i]`` (int64 ``(N,)``).
+
+    ``skipped``: unreadable files left out when the split was listed; ``skip_unreadable``: a file that fails to
+    decode when a batch is built is left out of that batch (and counted) instead of raising.
+    """
 
     files: Sequence[str]
     labels: Tensor
+    skipped: list[str] = field(default_factory=list)
+    skip_unreadable: bool = False
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
