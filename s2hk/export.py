@@ -7,13 +7,20 @@ the kept channels (and the hard path's BatchNorm statistics). Its module names a
 
 Saving writes ``model.pt`` (a plain ``state_dict``, loadable with ``weights_only=True``) and
 ``architecture.json`` (each layer's kept shape and kept channel indices, the model's registry name when it is
-one of :mod:`s2hk.models`, and the FLOPs). Loading rebuilds the dense model, traces it and narrows its
-layers from the JSON -- no class is ever unpickled.
+one of :mod:`s2hk.models`, the FLOPs, and the SHA-256 of ``model.pt``), each atomically. Loading rebuilds the
+dense model, traces it and narrows its layers from the JSON -- no class is ever unpickled -- after checking
+the JSON's schema (:func:`read_architecture`), every entry against the dense model's layer, the weights'
+checksum, and every weight's shape against the architecture; the rebuilt model must then run on the saved
+example input. Each refusal is a ValueError naming the file and the entry.
 """
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import operator
+import re
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -22,6 +29,7 @@ import torch.fx as fx
 import torch.nn as nn
 from torch import Tensor
 
+from .atomic import atomic_write
 from .depth import identity
 from .graph import layout_width, node_argument, reshape_arguments, set_node_argument, trace
 from .layers import GatedNorm, Selection, count_selected, select
@@ -29,10 +37,13 @@ from .layers import GatedNorm, Selection, count_selected, select
 if TYPE_CHECKING:
     from .engine import TwoPathNetwork
 
-__all__ = ["export_hard_network", "attention_heads", "architecture", "save_pruned", "load_pruned", "ARCHITECTURE_FORMAT"]
+__all__ = ["export_hard_network", "attention_heads", "architecture", "save_pruned", "load_pruned",
+           "read_architecture", "ARCHITECTURE_FORMAT"]
 
 ARCHITECTURE_FORMAT = "s2hk-architecture"
 ARCHITECTURE_VERSION = 1
+WEIGHTS_FILE = "model.pt"
+ARCHITECTURE_FILE = "architecture.json"
 
 
 def _indices(sel: Selection, full: int) -> list[int]:
@@ -280,6 +291,7 @@ def architecture(net: "TwoPathNetwork", model_name: Optional[str] = None, model_
         "format": ARCHITECTURE_FORMAT, "version": ARCHITECTURE_VERSION,
         "model": {"name": model_name, "kwargs": model_kwargs or {}},
         "example_input_shapes": [list(t.shape) for t in inputs],
+        "example_input_dtypes": [str(t.dtype).removeprefix("torch.") for t in inputs],
         "flops": {"dense": net.flops("full"), "pruned": net.flops("hard"),
                   "convention": "FLOPs = 2 x MACs of every conv, linear and matmul, for example_input_shapes"},
         "groups": {g.name: {"channels": g.channels, "kept": w} for g, w in zip(net.prunable, net.plan.widths)},
@@ -291,42 +303,265 @@ def architecture(net: "TwoPathNetwork", model_name: Optional[str] = None, model_
 
 def save_pruned(net: "TwoPathNetwork", folder: str | Path, model_name: Optional[str] = None,
                 model_kwargs: Optional[dict] = None) -> Path:
-    """Write ``folder/model.pt`` (state_dict of the exported model) and ``folder/architecture.json``."""
+    """Write ``folder/model.pt`` (state_dict of the exported model) and ``folder/architecture.json`` (which
+    records model.pt's size in bytes and SHA-256), each atomically, model.pt first: a crash between the two
+    leaves a pair that :func:`load_pruned` refuses rather than one that loads wrong."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     exported = net.export()
-    torch.save(exported.state_dict(), folder / "model.pt")
+    buffer = io.BytesIO()
+    torch.save(exported.state_dict(), buffer)
+    data = buffer.getvalue()
     arch = architecture(net, model_name, model_kwargs, exported)
-    (folder / "architecture.json").write_text(json.dumps(arch, indent=1))
+    arch["weights"] = {"file": WEIGHTS_FILE, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    atomic_write(folder / WEIGHTS_FILE, lambda f: f.write(data), durable=True)
+    atomic_write(folder / ARCHITECTURE_FILE, lambda f: f.write(json.dumps(arch, indent=1).encode()), durable=True)
     return folder
+
+
+# ------------------------------------------------------------------------------------------ reading
+
+def _is_int(value: Any, low: int = 0) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+class _Schema:
+    """Checks of one architecture.json; every failure is a ValueError naming the file and the entry."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def fail(self, where: str, what: str) -> ValueError:
+        return ValueError(f"{self.path}: {where}: {what}")
+
+    def mapping(self, value: Any, where: str) -> dict:
+        if not isinstance(value, dict):
+            raise self.fail(where, f"expected a JSON object, got {json.dumps(value)[:60]}")
+        return value
+
+    def integer(self, value: Any, where: str, low: int = 0) -> int:
+        if not _is_int(value, low):
+            raise self.fail(where, f"expected an integer >= {low}, got {json.dumps(value)[:60]}")
+        return value
+
+    def indices(self, value: Any, where: str, count: int, bound: int) -> None:
+        """A list of ``count`` distinct channel indices in ``0 .. bound - 1``."""
+        if not isinstance(value, list) or not all(_is_int(i) and i < bound for i in value) \
+                or len(set(value)) != len(value):
+            raise self.fail(where, f"expected a list of distinct channel indices in 0..{bound - 1}, got "
+                                   f"{json.dumps(value)[:60]}")
+        if len(value) != count:
+            raise self.fail(where, f"lists {len(value)} channels, but the entry says {count}")
+
+    def layer(self, name: str, entry: Any) -> None:
+        where = f"layers[{name!r}]"
+        entry = self.mapping(entry, where)
+        for key in ("type", "kind"):
+            if not isinstance(entry.get(key), str):
+                raise self.fail(f"{where}.{key}", f"expected a string, got {json.dumps(entry.get(key))}")
+        for key in ("depthwise", "removed"):
+            if key in entry and not isinstance(entry[key], bool):
+                raise self.fail(f"{where}.{key}", f"expected true or false, got {json.dumps(entry[key])}")
+        if "depthwise" not in entry:
+            raise self.fail(f"{where}.depthwise", "missing")
+        for side in ("in", "out"):
+            kept = self.integer(entry.get(f"{side}_channels"), f"{where}.{side}_channels")
+            dense = self.integer(entry.get(f"dense_{side}_channels"), f"{where}.dense_{side}_channels")
+            self.indices(entry.get(f"kept_{side}_channels"), f"{where}.kept_{side}_channels", kept, dense)
+
+    def check(self, arch: Any) -> dict:
+        if not isinstance(arch, dict) or arch.get("format") != ARCHITECTURE_FORMAT \
+                or arch.get("version") != ARCHITECTURE_VERSION:
+            raise ValueError(f"{self.path}: not an {ARCHITECTURE_FORMAT} v{ARCHITECTURE_VERSION} file")
+        if not isinstance(arch.get("layers"), dict):
+            raise ValueError(f"{self.path}: has no 'layers' table; expected a file written by s2hk.save_pruned")
+        model = self.mapping(arch.get("model", {}), "model")
+        if model.get("name") is not None and not isinstance(model["name"], str):
+            raise self.fail("model.name", f"expected a string or null, got {json.dumps(model['name'])}")
+        self.mapping(model.get("kwargs", {}), "model.kwargs")
+        shapes = arch.get("example_input_shapes")
+        if not isinstance(shapes, list) or not shapes or not all(
+                isinstance(s, list) and all(_is_int(d, 1) for d in s) for s in shapes):
+            raise self.fail("example_input_shapes", f"expected a list of shapes (lists of sizes >= 1), got "
+                                                    f"{json.dumps(shapes)[:60]}")
+        dtypes = arch.get("example_input_dtypes", ["float32"] * len(shapes))
+        if not isinstance(dtypes, list) or len(dtypes) != len(shapes) or not all(
+                isinstance(getattr(torch, str(d), None), torch.dtype) for d in dtypes):
+            raise self.fail("example_input_dtypes", f"expected one torch dtype name per example input, got "
+                                                    f"{json.dumps(dtypes)[:60]}")
+        for name, entry in arch["layers"].items():
+            self.layer(name, entry)
+        self.graph_edits(self.mapping(arch.get("graph_edits", {}), "graph_edits"))
+        for name, entry in self.mapping(arch.get("attention_heads", {}), "attention_heads").items():
+            where = f"attention_heads[{name!r}]"
+            entry = self.mapping(entry, where)
+            heads = self.integer(entry.get("heads"), f"{where}.heads")
+            dense = self.integer(entry.get("dense_heads"), f"{where}.dense_heads", 1)
+            self.integer(entry.get("head_dim"), f"{where}.head_dim", 1)
+            if heads > dense:
+                raise self.fail(f"{where}.heads", f"{heads} kept heads of {dense}")
+        if "weights" in arch:
+            weights = self.mapping(arch["weights"], "weights")
+            if weights.get("file") != WEIGHTS_FILE or not _is_int(weights.get("bytes")) or \
+                    not re.fullmatch(r"[0-9a-f]{64}", str(weights.get("sha256"))):
+                raise self.fail("weights", f"expected file {WEIGHTS_FILE!r}, bytes and a sha256 hex digest, got "
+                                           f"{json.dumps(weights)[:80]}")
+        return arch
+
+    def graph_edits(self, edits: dict) -> None:
+        for name, dims in self.mapping(edits.get("reshapes", {}), "graph_edits.reshapes").items():
+            if not isinstance(dims, list) or not all(d is None or _is_int(d, -1) for d in dims):
+                raise self.fail(f"graph_edits.reshapes[{name!r}]", f"expected a list of sizes or nulls, got "
+                                                                  f"{json.dumps(dims)[:60]}")
+        slices = edits.get("constant_slices", [])
+        if not isinstance(slices, list):
+            raise self.fail("graph_edits.constant_slices", "expected a list")
+        for i, cut in enumerate(slices):
+            where = f"graph_edits.constant_slices[{i}]"
+            cut = self.mapping(cut, where)
+            if not isinstance(cut.get("node"), str) or not isinstance(cut.get("arg_path"), list) or \
+                    not all(_is_int(a) for a in cut["arg_path"]) or not isinstance(cut.get("dim"), int) or \
+                    not isinstance(cut.get("kept"), list) or not all(_is_int(k) for k in cut["kept"]):
+                raise self.fail(where, "expected node (string), arg_path (integers), dim (integer) and kept "
+                                       "(channel indices)")
+        blocks = edits.get("skipped_blocks", [])
+        if not isinstance(blocks, list) or not all(isinstance(b, list) and len(b) == 2 and
+                                                   all(isinstance(n, str) for n in b) for b in blocks):
+            raise self.fail("graph_edits.skipped_blocks", f"expected [add, shortcut] pairs of node names, got "
+                                                          f"{json.dumps(blocks)[:60]}")
+
+
+def read_architecture(path: str | Path) -> dict:
+    """The contents of an ``architecture.json`` written by :func:`save_pruned`, its schema checked.
+
+    Raises:
+        ValueError: the file is unreadable, not JSON, not an s2hk architecture of this version, or an entry has
+            the wrong type or an impossible value; the message names the file and the entry.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: cannot be read ({err})") from err
+    try:
+        arch = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from err
+    return _Schema(path).check(arch)
+
+
+def _dense_sizes(module: nn.Module) -> Optional[tuple[int, int]]:
+    """(in, out) channels of a conv / linear / norm layer; None for another kind of module."""
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        return module.in_channels, module.out_channels
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return module.num_features, module.num_features
+    if isinstance(module, nn.LayerNorm) and len(module.normalized_shape) == 1:
+        return module.normalized_shape[0], module.normalized_shape[0]
+    return None
+
+
+def _check_layers(arch: dict, modules: dict[str, nn.Module], schema: _Schema) -> None:
+    """Every layers entry names a layer of the dense model, of its type and dense sizes."""
+    for name, entry in arch["layers"].items():
+        where = f"layers[{name!r}]"
+        module = modules.get(name)
+        if module is None:
+            raise schema.fail(where, "the model has no such layer (another model, or other constructor arguments?)")
+        if type(module).__name__ != entry["type"]:
+            raise schema.fail(f"{where}.type", f"{entry['type']}, but the model's layer is a {type(module).__name__}")
+        if _dense_sizes(module) != (entry["dense_in_channels"], entry["dense_out_channels"]):
+            raise schema.fail(where, f"dense channels (in, out) = ({entry['dense_in_channels']}, "
+                                     f"{entry['dense_out_channels']}), but the model's layer has {_dense_sizes(module)}")
+        if entry["depthwise"] and entry["kept_in_channels"] != entry["kept_out_channels"]:
+            raise schema.fail(where, "a depthwise layer keeps the same input and output channels")
+
+
+def _check_heads(arch: dict, gm: fx.GraphModule, schema: _Schema) -> None:
+    """Each attention's kept heads x head_dim must be the split its reshapes make (graph_edits.reshapes)."""
+    edits = arch.get("graph_edits", {}).get("reshapes", {})
+    owner: dict[str, list] = {}
+    for node in gm.graph.nodes:
+        stack = node.meta.get("nn_module_stack") or {}
+        if node.name in edits and stack:
+            owner.setdefault(list(stack.values())[-1][0], []).append(edits[node.name])
+    for name, entry in arch.get("attention_heads", {}).items():
+        pair = [entry["heads"], entry["head_dim"]]
+        if not any(dims[i:i + 2] == pair for dims in owner.get(name, []) for i in range(len(dims) - 1)):
+            raise schema.fail(f"attention_heads[{name!r}]", f"{entry['heads']} heads of {entry['head_dim']} "
+                                                            "channels is not how the module's reshapes "
+                                                            "(graph_edits.reshapes) split its channels")
+
+
+def _check_weights(state: dict, pruned: fx.GraphModule, arch: dict, weights_path: Path, arch_path: Path) -> None:
+    """Every tensor of ``state`` has the shape the architecture gives it; none is missing or extra."""
+    expected = pruned.state_dict()
+    missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or extra:
+        raise ValueError(f"{weights_path}: does not match {arch_path} (missing {missing[:5]}, unexpected "
+                         f"{extra[:5]})")
+    for key, value in state.items():
+        if not isinstance(value, Tensor) or tuple(value.shape) != tuple(expected[key].shape):
+            layer = key.rpartition(".")[0]
+            source = f"layers[{layer!r}]" if layer in arch["layers"] else "the dense model"
+            shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+            raise ValueError(f"{weights_path}: {key!r} has shape {shape}, but {arch_path} {source} gives "
+                             f"{tuple(expected[key].shape)}")
+
+
+def _read_weights(arch: dict, weights_path: Path, arch_path: Path) -> dict:
+    """model.pt's state_dict after checking its size and SHA-256 against architecture.json (a file saved
+    without them, by an older s2hk, is loaded with a warning)."""
+    data = weights_path.read_bytes()
+    recorded = arch.get("weights")
+    if recorded is None:
+        warnings.warn(f"{arch_path} records no checksum of {weights_path} (saved by an older s2hk); its weights "
+                      "are loaded unverified", RuntimeWarning, stacklevel=3)
+    elif len(data) != recorded["bytes"] or hashlib.sha256(data).hexdigest() != recorded["sha256"]:
+        raise ValueError(f"{weights_path}: checksum mismatch with {arch_path} ({len(data)} bytes, "
+                         f"{recorded['bytes']} recorded): the file is corrupt or was replaced after saving; export "
+                         "the run again (s2hk export RUN)")
+    try:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as err:  # unpickling and zip errors have many types; all mean an unreadable file
+        raise ValueError(f"{weights_path}: not a readable PyTorch state_dict ({type(err).__name__}: {err})") from err
+    if not isinstance(state, dict):
+        raise ValueError(f"{weights_path}: holds a {type(state).__name__}, not a state_dict")
+    return state
 
 
 def load_pruned(folder: str | Path, model: Optional[nn.Module] = None) -> fx.GraphModule:
     """Rebuild a saved pruned model: the dense ``model`` (or the registry model named in the JSON) is traced
-    and its layers narrowed to the saved shapes, then the saved weights are loaded strictly."""
+    and its layers narrowed to the saved shapes, then the saved weights are loaded strictly.
+
+    Raises:
+        FileNotFoundError: model.pt or architecture.json is missing.
+        ValueError: architecture.json is malformed or does not fit the model (naming the entry), model.pt fails
+            its checksum or a weight's shape disagrees with the architecture, or the rebuilt model does not run
+            on the saved example input.
+    """
     folder = Path(folder)
-    arch_path, weights_path = folder / "architecture.json", folder / "model.pt"
+    arch_path, weights_path = folder / ARCHITECTURE_FILE, folder / WEIGHTS_FILE
     for path in (arch_path, weights_path):
         if not path.is_file():
             raise FileNotFoundError(f"{path}: missing; expected a folder written by s2hk.save_pruned")
-    try:
-        arch = json.loads(arch_path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{arch_path}: not valid JSON ({err})") from err
-    if not isinstance(arch, dict) or arch.get("format") != ARCHITECTURE_FORMAT \
-            or arch.get("version") != ARCHITECTURE_VERSION:
-        raise ValueError(f"{arch_path}: not an {ARCHITECTURE_FORMAT} v{ARCHITECTURE_VERSION} file")
-    if not isinstance(arch.get("layers"), dict):
-        raise ValueError(f"{arch_path}: has no 'layers' table; expected a file written by s2hk.save_pruned")
+    arch = read_architecture(arch_path)
+    schema = _Schema(arch_path)
+    state = _read_weights(arch, weights_path, arch_path)
     if model is None:
         name = (arch.get("model") or {}).get("name")
         if not name:
             raise ValueError(f"{arch_path}: names no shipped model; pass the dense model: load_pruned(folder, model=...)")
         from .models import get_model
 
-        model = get_model(name, **arch["model"].get("kwargs", {}))
+        try:
+            model = get_model(name, **arch["model"].get("kwargs", {}))
+        except (TypeError, ValueError) as err:
+            raise schema.fail("model", f"cannot build {name!r} ({err})") from err
     gm = trace(model)
     modules = dict(gm.named_modules())
+    _check_layers(arch, modules, schema)
     root: dict[str, Any] = {}
     for node in gm.graph.nodes:
         if node.op == "get_attr":
@@ -340,19 +575,22 @@ def load_pruned(folder: str | Path, model: Optional[nn.Module] = None) -> fx.Gra
     graph = fx.Graph()
     graph.output(graph.graph_copy(gm.graph, {}))
     pruned = fx.GraphModule(root, graph, class_name="PrunedModel")
+    _check_heads(arch, gm, schema)
     try:
         apply_graph_edits(pruned, arch.get("graph_edits", {}))
     except (KeyError, IndexError, TypeError, ValueError) as err:
         raise ValueError(f"{arch_path}: its graph edits do not fit the model's graph ({err})") from err
     _set_head_counts(pruned, arch.get("attention_heads", {}))
+    _check_weights(state, pruned, arch, weights_path, arch_path)
+    pruned.load_state_dict(state, strict=True)
+    pruned.eval()
+    shapes = arch["example_input_shapes"]
+    dtypes = arch.get("example_input_dtypes", ["float32"] * len(shapes))
+    inputs = [torch.zeros(shape, dtype=getattr(torch, dtype)) for shape, dtype in zip(shapes, dtypes)]
     try:
-        state = torch.load(weights_path, map_location="cpu", weights_only=True)
-    except Exception as err:  # unpickling and zip errors have many types; all mean an unreadable file
-        raise ValueError(f"{weights_path}: not a readable PyTorch state_dict ({type(err).__name__}: {err})") from err
-    try:
-        pruned.load_state_dict(state, strict=True)
-    except (RuntimeError, TypeError, AttributeError) as err:
-        raise ValueError(f"{weights_path}: does not match {arch_path} ({err})") from err
-    return pruned.eval()
-
-
+        with torch.no_grad():
+            pruned(*inputs)
+    except Exception as err:  # any failure here means the saved pieces do not fit together
+        raise ValueError(f"{arch_path}: the rebuilt model does not run on its example input "
+                         f"{arch['example_input_shapes']} ({type(err).__name__}: {err})") from err
+    return pruned

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pytest
@@ -292,6 +293,107 @@ def test_load_corrupt_files_names_the_path(tmp_path, corrupt):
         load_pruned(folder)
     message = str(info.value)
     assert str(folder / "model.pt") in message or str(folder / "architecture.json") in message, message
+
+
+def _edit(folder, change) -> None:
+    arch = json.loads((folder / "architecture.json").read_text())
+    change(arch)
+    (folder / "architecture.json").write_text(json.dumps(arch))
+
+
+def test_flipped_byte_in_the_weights_is_refused(tmp_path):
+    _, folder = saved(tmp_path)
+    data = bytearray((folder / "model.pt").read_bytes())
+    data[len(data) // 2] ^= 0x01  # inside a tensor's data: torch.load alone would not notice
+    (folder / "model.pt").write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="checksum mismatch") as info:
+        load_pruned(folder)
+    assert str(folder / "model.pt") in str(info.value) and str(folder / "architecture.json") in str(info.value)
+
+
+def test_weights_without_a_recorded_checksum_load_with_a_warning(tmp_path):
+    _, folder = saved(tmp_path)
+    arch = json.loads((folder / "architecture.json").read_text())
+    assert arch["weights"]["sha256"] and arch["weights"]["file"] == "model.pt"
+    _edit(folder, lambda a: a.pop("weights"))  # as written by an earlier s2hk
+    with pytest.warns(RuntimeWarning, match="no checksum"):
+        load_pruned(folder)
+
+
+def _first(arch, key="layers"):
+    return arch[key][next(iter(arch[key]))]
+
+
+@pytest.mark.parametrize("change, where", [
+    (lambda a: _first(a).update(kept_in_channels="0-2"), "layers['conv1'].kept_in_channels"),
+    (lambda a: _first(a).update(kept_out_channels=[0, 0, 1]), "layers['conv1'].kept_out_channels"),
+    (lambda a: _first(a).update(kept_out_channels=[99]), "layers['conv1'].kept_out_channels"),
+    (lambda a: _first(a).pop("depthwise"), "layers['conv1'].depthwise: missing"),
+    (lambda a: _first(a).update(out_channels="8"), "layers['conv1'].out_channels"),
+    (lambda a: _first(a).update(dense_out_channels=32), "layers['conv1']"),
+    (lambda a: _first(a).update(type="Linear"), "layers['conv1'].type"),
+    (lambda a: a["layers"].update(ghost=_first(a)), "layers['ghost']: the model has no such layer"),
+    (lambda a: a.update(model="resnet56"), "model: expected a JSON object"),
+    (lambda a: a.update(example_input_shapes=[[1, 3, "16"]]), "example_input_shapes"),
+    (lambda a: a["graph_edits"].update(skipped_blocks=[["add"]]), "graph_edits.skipped_blocks"),
+    (lambda a: a.update(weights={"file": "model.pt"}), "weights"),
+])
+def test_malformed_architecture_entries_are_named(tmp_path, change, where):
+    _, folder = saved(tmp_path)
+    _edit(folder, change)
+    with pytest.raises(ValueError) as info:
+        load_pruned(folder)
+    assert str(folder / "architecture.json") in str(info.value) and where in str(info.value), str(info.value)
+
+
+def test_a_layer_entry_that_disagrees_with_the_weights_is_named(tmp_path):
+    """architecture.json edited consistently with itself (one channel fewer) but not with model.pt."""
+    _, folder = saved(tmp_path)
+    arch = json.loads((folder / "architecture.json").read_text())
+    name = next(n for n, e in arch["layers"].items() if e["kind"] == "conv" and e["out_channels"] > 1)
+
+    def drop_a_channel(a):
+        a["layers"][name]["kept_out_channels"].pop()
+        a["layers"][name]["out_channels"] -= 1
+
+    _edit(folder, drop_a_channel)
+    with pytest.raises(ValueError, match=re.escape(f"'{name}.weight' has shape")) as info:
+        load_pruned(folder)
+    assert f"layers['{name}'] gives" in str(info.value) and str(folder / "model.pt") in str(info.value)
+
+
+def _pruned_vit(tmp_path):
+    net = build("vit_tiny_cifar")
+    net.set_hard_widths(random_channels(net, seed=1))
+    folder = save_pruned(net, tmp_path / "vit", model_name="vit_tiny_cifar", model_kwargs=sized("vit_tiny_cifar"))
+    arch = json.loads((folder / "architecture.json").read_text())
+    heads = arch["attention_heads"]["blocks.0.attn"]
+    assert 0 < heads["heads"] < heads["dense_heads"]
+    return folder, heads
+
+
+def test_an_edited_head_count_is_refused(tmp_path):
+    folder, heads = _pruned_vit(tmp_path)
+    load_pruned(folder)
+    _edit(folder, lambda a: a["attention_heads"]["blocks.0.attn"].update(heads=heads["heads"] + 1))
+    with pytest.raises(ValueError, match=re.escape("attention_heads['blocks.0.attn']")) as info:
+        load_pruned(folder)
+    assert "graph_edits.reshapes" in str(info.value)
+
+
+def test_edited_reshapes_that_do_not_run_are_refused(tmp_path):
+    """Head count and reshapes edited together (consistent with each other, not with the weights)."""
+    folder, heads = _pruned_vit(tmp_path)
+
+    def more_heads(a):
+        a["attention_heads"]["blocks.0.attn"]["heads"] += 1
+        dims = a["graph_edits"]["reshapes"]["reshape"]  # block 0's split into (3, heads, head_dim)
+        assert dims[-2:] == [heads["heads"], heads["head_dim"]]
+        dims[-2] += 1
+
+    _edit(folder, more_heads)
+    with pytest.raises(ValueError, match="does not run on its example input"):
+        load_pruned(folder)
 
 
 # --- ONNX --------------------------------------------------------------------------------------------
