@@ -4,13 +4,18 @@
 (``"step"``, ``"epoch"``, ...) and the logged values, e.g. ``epoch``, ``step``, ``loss``, ``soft_acc``,
 ``hard_acc``, ``gap``, ``hard_flops_ratio``, ``target_flops``, ``lr``. ``folder/epochs.csv`` repeats the
 ``kind="epoch"`` rows for spreadsheets; it is always derivable from the JSON lines and is rebuilt from them
-when a logger opens the folder. Non-finite floats are written as ``NaN`` / ``Infinity`` (Python's ``json``
-reads them back) so a diverging loss is recorded rather than dropped.
+when a logger opens the folder. Its columns are ``epoch``, ``step``, ``phase`` first, then the other keys in
+alphabetical order, so every run (single-process or data-parallel) writes the same header.
+
+Every line is strict JSON: a non-finite number (NaN, +-infinity; a diverging loss, a metric a phase does not
+compute) is written as ``null`` and :func:`read_metrics` gives it back as ``float("nan")``, so the record is
+kept and any JSON reader can parse the file.
 """
 from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import warnings
 from pathlib import Path
@@ -18,10 +23,11 @@ from typing import Any, Iterable
 
 import torch
 
-__all__ = ["MetricsLogger", "read_metrics", "METRICS_FILE", "EPOCHS_FILE"]
+__all__ = ["MetricsLogger", "read_metrics", "METRICS_FILE", "EPOCHS_FILE", "CSV_LEADING"]
 
 METRICS_FILE = "metrics.jsonl"
 EPOCHS_FILE = "epochs.csv"
+CSV_LEADING = ("epoch", "step", "phase")  # the first columns of epochs.csv; the others follow sorted
 
 
 def _metrics_file(folder_or_file: os.PathLike | str) -> Path:
@@ -33,11 +39,13 @@ def read_metrics(folder: os.PathLike | str, kind: str | None = None) -> list[dic
     """All records of ``folder/metrics.jsonl`` in logging order (only those of ``kind`` if given).
 
     ``folder`` may also be the ``.jsonl`` file itself. A missing file gives ``[]``. A line that is not a
-    JSON object (typically the last line of a run killed mid-write) is skipped with a warning.
+    JSON object (typically the last line of a run killed mid-write) is skipped with a warning. A ``null``
+    value (how a non-finite number is written) is returned as ``float("nan")``.
     """
     path = _metrics_file(folder)
     records, _ = _read_records(path)
-    return [r for r in records if kind is None or r.get("kind") == kind]
+    return [{k: math.nan if v is None else v for k, v in r.items()} for r in records
+            if kind is None or r.get("kind") == kind]
 
 
 def _read_records(path: Path) -> tuple[list[dict], bool]:
@@ -63,12 +71,14 @@ def _read_records(path: Path) -> tuple[list[dict], bool]:
 
 
 def _plain(value: Any) -> Any:
-    """Turn tensors and numpy scalars/arrays into JSON-ready Python values."""
+    """Turn tensors and numpy scalars/arrays into JSON-ready Python values; non-finite floats become None."""
     if isinstance(value, torch.Tensor):
         value = value.detach().cpu()
-        return value.item() if value.numel() == 1 else value.tolist()
+        return _plain(value.item() if value.numel() == 1 else value.tolist())
     if hasattr(value, "item") and hasattr(value, "dtype"):  # numpy scalar or array, without importing numpy
-        return value.item() if getattr(value, "size", 1) == 1 else value.tolist()
+        return _plain(value.item() if getattr(value, "size", 1) == 1 else value.tolist())
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
     if isinstance(value, dict):
@@ -105,6 +115,8 @@ class MetricsLogger:
             interrupted run are removed first, so re-running those steps does not duplicate rows. Removed
             are all records with ``step > resume_step`` and any record without a step that was logged after
             the first of those.
+        pending_epoch: the checkpoint was taken at the end of an epoch's training, before its evaluation: the
+            ``kind="epoch"`` record of ``resume_step`` (which the resumed run logs again) is removed too.
         tensorboard: also write scalars to ``folder/tensorboard`` when tensorboard is importable
             (silently off otherwise).
 
@@ -112,7 +124,7 @@ class MetricsLogger:
     """
 
     def __init__(self, folder: os.PathLike | str, rank0_only: bool = True, resume_step: int | None = None,
-                 tensorboard: bool = True):
+                 tensorboard: bool = True, pending_epoch: bool = False):
         self.folder = Path(folder)
         self.path = self.folder / METRICS_FILE
         self.csv_path = self.folder / EPOCHS_FILE
@@ -126,7 +138,7 @@ class MetricsLogger:
         self.folder.mkdir(parents=True, exist_ok=True)
         records, clean = _read_records(self.path)
         if resume_step is not None:
-            kept = _drop_after(records, resume_step)
+            kept = _drop_after(records, resume_step, pending_epoch)
         else:
             kept = records
         if len(kept) != len(records) or not clean:
@@ -154,7 +166,7 @@ class MetricsLogger:
         if "kind" in values:
             raise TypeError("'kind' is given positionally; it cannot also be a value")
         record = {"kind": str(kind), **{k: _plain(v) for k, v in values.items()}}
-        self._file.write(json.dumps(record) + "\n")
+        self._file.write(_json_line(record))
         self._file.flush()  # a crash loses at most the line being written
         if kind == "epoch":
             if self._add_epoch_row(record):
@@ -189,12 +201,15 @@ class MetricsLogger:
     # ------------------------------------------------------------------ epoch CSV
 
     def _add_epoch_row(self, record: dict) -> bool:
-        """Remember an epoch row; True when it brings columns the CSV header lacks."""
+        """Remember an epoch row; True when it brings columns the CSV header lacks (the header is then
+        :data:`CSV_LEADING` columns first, the others sorted)."""
         row = {k: v for k, v in record.items() if k != "kind"}
         self._epoch_rows.append(row)
-        new = [k for k in row if k not in self._columns]
-        self._columns.extend(new)
-        return bool(new)
+        if set(row) <= set(self._columns):
+            return False
+        names = set(self._columns) | set(row)
+        self._columns = [k for k in CSV_LEADING if k in names] + sorted(names - set(CSV_LEADING))
+        return True
 
     def _rewrite_csv(self) -> None:
         if not self._epoch_rows:
@@ -224,16 +239,23 @@ class MetricsLogger:
                 self._tb.add_scalar(f"{kind}/{key}", value, global_step=x)
 
 
+def _json_line(record: dict) -> str:
+    """``record`` as one line of strict JSON (a NaN read from an older file becomes null)."""
+    return json.dumps(_plain(record), allow_nan=False) + "\n"
+
+
 def _csv_row(row: dict) -> dict:
     # Lists and dicts do not fit a CSV cell as-is; JSON keeps them readable and parseable.
     return {k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in row.items()}
 
 
-def _drop_after(records: list[dict], resume_step: int) -> list[dict]:
+def _drop_after(records: list[dict], resume_step: int, pending_epoch: bool = False) -> list[dict]:
     kept, cut = [], False
     for record in records:
         step = record.get("step")
-        if isinstance(step, (int, float)) and not isinstance(step, bool) and step > resume_step:
+        numeric = isinstance(step, (int, float)) and not isinstance(step, bool)
+        if numeric and (step > resume_step or (pending_epoch and step == resume_step
+                                                and record.get("kind") == "epoch")):
             cut = True
             continue
         if cut and not isinstance(step, (int, float)):
@@ -246,7 +268,7 @@ def _write_lines(path: Path, records: Iterable[dict]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
         for record in records:
-            f.write(json.dumps(record) + "\n")
+            f.write(_json_line(record))
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)

@@ -1,12 +1,14 @@
 """Plots of a training run: accuracy gap, FLOPs against target, channels kept per layer.
 
 :func:`render_report` reads ``metrics.jsonl`` (see :mod:`s2hk.metrics`) and, when present,
-``architecture.json`` from a run folder and writes PNG files:
+``architecture.json`` and ``config.json`` from a run folder and writes PNG files (:data:`PLOT_FILES`):
 
-- ``accuracy.png``: soft (relaxed) and hard (pruned) accuracy per epoch and the gap between them, the
-  "discretization gap" that two-path training is meant to close;
-- ``flops.png``: the hard FLOPs ratio over training against the target (and its tolerance band when the
-  records carry ``flops_tolerance``, in the same ratio units as the target);
+- ``accuracy.png``: the accuracy per epoch of the method's two networks and the gap between them -- S2HPruner's
+  soft (relaxed masks) and hard (pruned) network and their "discretization gap", CR-SFP's / SFP's R-NN and
+  P-NN, STP's full network and subnet (:func:`network_names`; the method is ``config.json``'s, else told by
+  the records' keys);
+- ``flops.png``: the pruned network's FLOPs ratio over training, against the target (and its tolerance band
+  when the records carry ``flops_tolerance``, in the same ratio units) where the run has one;
 - ``channels.png``: kept vs original output channels per layer.
 
 A plot whose data is absent is skipped. Figures are drawn on the Agg canvas directly, never through
@@ -30,8 +32,10 @@ from matplotlib.ticker import MaxNLocator
 from .atomic import atomic_write
 from .metrics import METRICS_FILE, read_metrics
 
-__all__ = ["ReportError", "render_report", "ARCHITECTURE_FILE", "ARCHITECTURE_FORMAT"]
+__all__ = ["ReportError", "render_report", "network_names", "ARCHITECTURE_FILE", "ARCHITECTURE_FORMAT",
+           "PLOT_FILES"]
 
+PLOT_FILES = ("accuracy.png", "flops.png", "channels.png")
 ARCHITECTURE_FILE = "architecture.json"
 ARCHITECTURE_FORMAT = "s2hk-architecture"
 _ARCHITECTURE_VERSION = 1
@@ -40,6 +44,35 @@ _DPI = 120
 
 class ReportError(RuntimeError):
     """A run folder cannot be reported on (no metrics, or an unreadable architecture file)."""
+
+
+# The two networks whose accuracies a method's evaluate() returns as soft_acc / hard_acc: short name, legend.
+_NETWORKS = {
+    "s2h": (("soft", "soft network (relaxed masks)"), ("hard", "hard network (pruned)")),
+    "crsfp": (("R-NN", "R-NN (full width)"), ("P-NN", "P-NN (pruned)")),
+    "stp": (("full", "full network"), ("subnet", "subnet (best found, exported)")),
+}
+_NETWORKS["sfp"] = _NETWORKS["crsfp"]
+
+
+def network_names(method: str | None) -> tuple[tuple[str, str], tuple[str, str]]:
+    """``((short, long), (short, long))`` names of the networks a method reports as ``soft_acc`` and ``hard_acc``:
+    S2HPruner's soft / hard network, CR-SFP's and SFP's R-NN / P-NN, STP's full network / subnet (unknown
+    methods: soft / hard)."""
+    return _NETWORKS.get(method or "", _NETWORKS["s2h"])
+
+
+def _method_of(run: Path, records: list[dict]) -> str | None:
+    """The run's method: ``config.json``'s ``method``, else told by the evaluation keys (``rnn_acc``: CR-SFP,
+    ``dense_acc``: STP), else None."""
+    try:
+        method = json.loads((run / "config.json").read_text(encoding="utf-8")).get("method")
+    except (OSError, ValueError, AttributeError):
+        method = None
+    if isinstance(method, str):
+        return method
+    keys = set().union(*(r.keys() for r in records if r.get("kind") == "epoch"))
+    return "crsfp" if "rnn_acc" in keys else "stp" if "dense_acc" in keys else None
 
 
 def _number(value: Any) -> float | None:
@@ -54,6 +87,11 @@ def _save(fig: Figure, path: Path) -> Path:
     # Write then rename, so a viewer refreshing during training never sees a half-written PNG.
     FigureCanvasAgg(fig)
     return atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=_DPI))
+
+
+def _capitalized(text: str) -> str:
+    """``text`` with its first letter upper-case (a title starting with a network's name)."""
+    return text[:1].upper() + text[1:]
 
 
 def _integer_axis(ax: Any, xs: list[float]) -> None:
@@ -75,7 +113,7 @@ def _accuracy_rows(records: list[dict]) -> tuple[list[dict], str]:
     return [], "epoch"
 
 
-def _plot_accuracy(records: list[dict], path: Path) -> Path | None:
+def _plot_accuracy(records: list[dict], path: Path, method: str | None) -> Path | None:
     rows, axis = _accuracy_rows(records)
     if not rows:
         return None
@@ -96,16 +134,18 @@ def _plot_accuracy(records: list[dict], path: Path) -> Path | None:
     fig = Figure(figsize=(8, 6), layout="constrained")
     top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=[3, 1])
     marker = "o" if len(rows) <= 60 else None
+    (a_short, a_long), (b_short, b_long) = network_names(method)
+    gap_name = "discretization gap" if method in (None, "s2h") else "gap"
     if any(v is not None for v in soft):
-        top.plot(xs, soft_s, marker=marker, markersize=3, label="soft accuracy (relaxed masks)")
+        top.plot(xs, soft_s, marker=marker, markersize=3, label=a_long)
     if any(v is not None for v in hard):
-        top.plot(xs, hard_s, marker=marker, markersize=3, label="hard accuracy (pruned network)")
+        top.plot(xs, hard_s, marker=marker, markersize=3, label=b_long)
     both = [s is not None and h is not None for s, h in zip(soft, hard)]
     if any(both):
         top.fill_between(xs, hard_s, soft_s, where=both, interpolate=True, alpha=0.25, color="tab:red",
-                         label="discretization gap (soft − hard)")
+                         label=f"{gap_name} ({a_short} − {b_short})")
     top.set_ylabel("accuracy (%)")
-    top.set_title("Soft vs hard accuracy and the discretization gap")
+    top.set_title(_capitalized(f"{a_short} vs {b_short} accuracy and the {gap_name}"))
     top.grid(True, alpha=0.3)
     if top.lines or top.collections:
         top.legend(loc="best")
@@ -122,7 +162,7 @@ def _plot_accuracy(records: list[dict], path: Path) -> Path | None:
 
 # ------------------------------------------------------------------------------------------ FLOPs
 
-def _plot_flops(records: list[dict], path: Path) -> Path | None:
+def _plot_flops(records: list[dict], path: Path, method: str | None) -> Path | None:
     rows, axis = [], "step"
     for kind, axis in (("step", "step"), ("epoch", "epoch")):
         rows = [r for r in records if r.get("kind") == kind and _number(r.get("hard_flops_ratio")) is not None]
@@ -135,8 +175,9 @@ def _plot_flops(records: list[dict], path: Path) -> Path | None:
 
     fig = Figure(figsize=(8, 4.5), layout="constrained")
     ax = fig.subplots()
+    pruned = network_names(method)[1][0]
     ax.plot(xs, ratio, linewidth=1.2, marker="o" if len(rows) <= 60 else None, markersize=3,
-            label="hard FLOPs ratio", zorder=3)
+            label=f"{pruned} FLOPs ratio", zorder=3)
 
     targets = [_number(r.get("target_flops")) for r in rows]
     tolerances = [_number(r.get("flops_tolerance")) for r in rows]
@@ -164,7 +205,7 @@ def _plot_flops(records: list[dict], path: Path) -> Path | None:
             lo = [t - d if t is not None and d is not None else math.nan for t, d in zip(targets, tolerances)]
             hi = [t + d if t is not None and d is not None else math.nan for t, d in zip(targets, tolerances)]
             ax.fill_between(xs, lo, hi, step="post", color="tab:green", alpha=0.15, label="tolerance")
-    ax.set_title("Hard FLOPs ratio against the target")
+    ax.set_title(_capitalized(f"{pruned} FLOPs ratio" + (" against the target" if known else "")))
     ax.set_xlabel(axis)
     _integer_axis(ax, xs)
     ax.set_ylabel("FLOPs ratio (pruned / dense)")
@@ -243,7 +284,8 @@ def _plot_channels(arch: dict, path: Path) -> Path | None:
 def render_report(run_folder: os.PathLike | str, out_folder: os.PathLike | str | None = None) -> list[Path]:
     """Write ``accuracy.png``, ``flops.png`` and ``channels.png`` for ``run_folder``; return the written paths.
 
-    Output goes to ``out_folder`` (default: the run folder). A plot whose data is missing is skipped.
+    Output goes to ``out_folder`` (default: the run folder). A plot whose data is missing is skipped. The
+    networks are named by the run's method (:func:`network_names`).
     Raises :class:`ReportError` when the run folder has no metrics records, or when ``architecture.json``
     exists but is not a readable s2hk architecture file.
     """
@@ -258,10 +300,12 @@ def render_report(run_folder: os.PathLike | str, out_folder: os.PathLike | str |
 
     out = Path(out_folder) if out_folder is not None else run
     out.mkdir(parents=True, exist_ok=True)
+    method = _method_of(run, records)
+    accuracy, flops, channels = (out / name for name in PLOT_FILES)
     written = [
-        _plot_accuracy(records, out / "accuracy.png"),
-        _plot_flops(records, out / "flops.png"),
-        _plot_channels(arch, out / "channels.png") if arch is not None else None,
+        _plot_accuracy(records, accuracy, method),
+        _plot_flops(records, flops, method),
+        _plot_channels(arch, channels) if arch is not None else None,
     ]
     return [p for p in written if p is not None]
 

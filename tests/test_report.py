@@ -34,7 +34,7 @@ def test_log_writes_json_lines_and_epoch_csv(tmp_path):
         log.log("epoch", epoch=0, step=1, soft_acc=0.5, hard_acc=0.4)
         log.log("step", step=2, epoch=1, loss=float("nan"), widths=torch.tensor([3, 4]))
         log.log("epoch", epoch=1, step=2, soft_acc=0.6, hard_acc=0.55)
-        assert _csv_header(tmp_path) == ["epoch", "step", "soft_acc", "hard_acc"]
+        assert _csv_header(tmp_path) == ["epoch", "step", "hard_acc", "soft_acc"]
         log.log("epoch", epoch=2, step=3, soft_acc=0.7, hard_acc=0.69, gap=0.01)  # a new column appears
 
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
@@ -47,7 +47,7 @@ def test_log_writes_json_lines_and_epoch_csv(tmp_path):
     assert read_metrics(tmp_path / "elsewhere") == []
 
     # the header was rewritten with the union of keys; earlier rows have the new column empty
-    assert _csv_header(tmp_path) == ["epoch", "step", "soft_acc", "hard_acc", "gap"]
+    assert _csv_header(tmp_path) == ["epoch", "step", "gap", "hard_acc", "soft_acc"]
     rows = _csv_rows(tmp_path)
     assert [r["epoch"] for r in rows] == ["0", "1", "2"]
     assert rows[0]["gap"] == "" and rows[2]["gap"] == "0.01" and rows[1]["hard_acc"] == "0.55"
@@ -56,6 +56,49 @@ def test_log_writes_json_lines_and_epoch_csv(tmp_path):
     closed.close()
     with pytest.raises(RuntimeError, match="closed"):
         closed.log("step", step=9)
+
+
+def test_non_finite_values_are_strict_json_null_read_back_as_nan(tmp_path):
+    with MetricsLogger(tmp_path, tensorboard=False) as log:
+        log.log("step", step=1, loss=float("nan"), kd=torch.tensor(float("inf")), lr=np.float64("-inf"),
+                widths=[1.0, float("nan")])
+        log.log("epoch", epoch=0, step=1, hard_acc=float("nan"))
+    for line in (tmp_path / "metrics.jsonl").read_text().splitlines():
+        assert "NaN" not in line and "Infinity" not in line
+        json.loads(line, parse_constant=lambda name: pytest.fail(f"{name} is not JSON"))
+    step = read_metrics(tmp_path, "step")[0]
+    assert math.isnan(step["loss"]) and math.isnan(step["kd"]) and math.isnan(step["lr"])
+    assert step["widths"] == [1.0, None]
+    assert _csv_rows(tmp_path)[0]["hard_acc"] == ""
+    # a file written with bare NaN by an earlier version is rewritten as JSON when the logger repairs it
+    (tmp_path / "metrics.jsonl").write_text('{"kind": "step", "step": 1, "loss": NaN}\n{"kind": "st')
+    with pytest.warns(RuntimeWarning, match="malformed"):
+        MetricsLogger(tmp_path, tensorboard=False).close()
+    assert (tmp_path / "metrics.jsonl").read_text() == '{"kind": "step", "step": 1, "loss": null}\n'
+
+
+def test_epoch_csv_columns_do_not_depend_on_key_order(tmp_path):
+    """A data-parallel run builds its evaluation dict in another key order than one process: same header."""
+    for folder, order in ((tmp_path / "single", ["soft_acc", "hard_acc", "gap"]),
+                          (tmp_path / "ddp", ["gap", "hard_acc", "soft_acc"])):
+        with MetricsLogger(folder, tensorboard=False) as log:
+            values = {"soft_acc": 0.5, "hard_acc": 0.4, "gap": 0.1, "hard_flops_ratio": 0.5}
+            log.log("epoch", phase="joint", **{k: values[k] for k in order}, epoch=1, step=8, hard_flops_ratio=0.5)
+    assert (tmp_path / "single" / "epochs.csv").read_text() == (tmp_path / "ddp" / "epochs.csv").read_text()
+    assert _csv_header(tmp_path / "single") == ["epoch", "step", "phase", "gap", "hard_acc", "hard_flops_ratio",
+                                                "soft_acc"]
+
+
+def test_resume_before_an_epoch_record_drops_it(tmp_path):
+    """A checkpoint taken after an epoch's training but before its evaluation: the interrupted run may have
+    logged the epoch record; the resumed run logs it again, so it is dropped."""
+    with MetricsLogger(tmp_path, tensorboard=False) as log:
+        for step in (1, 2):
+            log.log("step", step=step, loss=1.0)
+        log.log("epoch", epoch=0, step=2, hard_acc=0.5)
+    with MetricsLogger(tmp_path, resume_step=2, pending_epoch=True, tensorboard=False):
+        assert [r["kind"] for r in read_metrics(tmp_path)] == ["step", "step"]
+        assert not (tmp_path / "epochs.csv").exists()
 
 
 def test_resume_truncates_records_after_the_checkpoint(tmp_path):
@@ -241,3 +284,51 @@ def test_command_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
         main([str(tmp_path / "nothing")])
     assert info.value.code == 1
+
+
+def _rendered(monkeypatch) -> dict:
+    """Capture the figures render_report draws, by file name."""
+    import s2hk.report as report
+
+    figures = {}
+    save = report._save
+    monkeypatch.setattr(report, "_save", lambda fig, path: figures.__setitem__(path.name, fig) or save(fig, path))
+    return figures
+
+
+def _texts(fig) -> tuple[str, list[str], int]:
+    """Title, legend entries and the number of horizontal lines / spans (a target) of a figure's first axes."""
+    ax = fig.axes[0]
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    return ax.get_title(), legend, sum(1 for line in ax.lines if line.get_linestyle() == "--")
+
+
+@pytest.mark.parametrize("method, keys, legend, title", [
+    ("s2h", {}, ["soft network (relaxed masks)", "hard network (pruned)", "discretization gap (soft − hard)"],
+     "Soft vs hard accuracy and the discretization gap"),
+    ("crsfp", {"rnn_acc": 0.8, "pnn_acc": 0.7}, ["R-NN (full width)", "P-NN (pruned)", "gap (R-NN − P-NN)"],
+     "R-NN vs P-NN accuracy and the gap"),
+    ("stp", {"dense_acc": 0.8}, ["full network", "subnet (best found, exported)", "gap (full − subnet)"],
+     "Full vs subnet accuracy and the gap"),
+])
+@pytest.mark.parametrize("with_config", [True, False])
+def test_plots_name_each_methods_networks(tmp_path, monkeypatch, method, keys, legend, title, with_config):
+    """The networks are named by the method (from config.json, else from the evaluation keys); a target line
+    is drawn only where the run has a target (CR-SFP has none)."""
+    figures = _rendered(monkeypatch)
+    target = {} if method == "crsfp" else {"target_flops": 0.35, "flops_tolerance": 0.01}
+    with MetricsLogger(tmp_path, tensorboard=False) as log:
+        for epoch in range(3):
+            log.log("epoch", epoch=epoch, step=epoch, soft_acc=0.8, hard_acc=0.7, gap=0.1, hard_flops_ratio=0.5,
+                    **keys, **target)
+    if with_config:
+        (tmp_path / "config.json").write_text(json.dumps({"method": method}))
+    render_report(tmp_path)
+    got_title, got_legend, _ = _texts(figures["accuracy.png"])
+    assert got_legend == legend and got_title == title
+    flops_title, flops_legend, dashed = _texts(figures["flops.png"])
+    if method == "crsfp":
+        assert flops_title == "P-NN FLOPs ratio" and dashed == 0 and flops_legend == ["P-NN FLOPs ratio"]
+    else:
+        assert flops_title.endswith("FLOPs ratio against the target") and dashed == 1
+        assert flops_legend[1:] == ["target 0.35", "tolerance ±0.01"]
