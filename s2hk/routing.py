@@ -57,20 +57,25 @@ def logit_gradients(soft: Tensor, hard: Optional[Tensor], target: Tensor, alpha:
     return LogitGrads(task.detach(), g_h.detach(), g_s.detach(), task_to_soft, kd_hard_to_hard, kd_soft_to_soft)
 
 
-def route(mode: str, soft: Tensor, hard: Optional[Tensor], grads: LogitGrads, mask_logits: Tensor) -> Tensor:
-    """Back-propagate the logit gradients as ``mode`` says; returns the data gradient of the mask logits.
+def route(mode: str, soft: Tensor, hard: Optional[Tensor], grads: LogitGrads,
+          mask_logits: Tensor) -> tuple[Tensor, Optional[Tensor]]:
+    """Back-propagate the logit gradients as ``mode`` says; returns the data gradients of the mask logits.
 
-    After the call every weight's ``.grad`` holds its share (L, plus G_h, plus G_s in "mutual" mode) and the
-    returned tensor is ``g_D`` = dL/du (+ dG_s/du unless "unidirectional"/"none"). ``mask_logits.grad`` is left
+    After the call every weight's ``.grad`` holds its share (L, plus G_h, plus G_s in "mutual" mode). The
+    result is ``(task_grad, kd_grad)``: ``task_grad`` is what the backward of both paths leaves on u -- dL/du,
+    plus dG_s/du in "mutual" mode where the two share that backward -- and ``kd_grad`` is dG_s/du from its own
+    u-only backward in "decoupled" mode, None in the others (no G_s reaches u apart, so g_D is ``task_grad``).
+    Logits the soft path does not use (a model with nothing to prune) get zeros. ``mask_logits.grad`` is left
     as it was.
     """
     mask_grad_before = mask_logits.grad
     mask_logits.grad = None
     soft_grad = grads.task_to_soft
-    extra_mask_grad = None
+    kd_grad = None
     if mode == "decoupled":
         # G_s reaches u only: a backward of the soft path restricted to u (input gradients only)
-        (extra_mask_grad,) = torch.autograd.grad(soft, mask_logits, grads.kd_soft_to_soft, retain_graph=True)
+        (kd_grad,) = torch.autograd.grad(soft, mask_logits, grads.kd_soft_to_soft, retain_graph=True,
+                                         allow_unused=True, materialize_grads=True)
     elif mode == "mutual":
         soft_grad = soft_grad + grads.kd_soft_to_soft
     outputs, output_grads = [soft], [soft_grad]
@@ -78,8 +83,6 @@ def route(mode: str, soft: Tensor, hard: Optional[Tensor], grads: LogitGrads, ma
         outputs.append(hard)
         output_grads.append(grads.kd_hard_to_hard)
     torch.autograd.backward(outputs, output_grads)
-    data_grad = mask_logits.grad if mask_logits.grad is not None else torch.zeros_like(mask_logits)
-    if extra_mask_grad is not None:
-        data_grad = data_grad + extra_mask_grad
+    task_grad = mask_logits.grad if mask_logits.grad is not None else torch.zeros_like(mask_logits)
     mask_logits.grad = mask_grad_before
-    return data_grad
+    return task_grad, kd_grad

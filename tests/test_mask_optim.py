@@ -1,10 +1,13 @@
 """S2HPruner's mask optimiser (ALGORITHMS.md §1) against the balancing rule written out per group:
 
+    [decoupled KD, task_grad_scale c: dL/du <- c ||dG_s/du|| / ||dL/du|| * dL/du;  g_D = dG_s/du + dL/du]
     dyn = min(R / (lambda rho^2), 1)
     if dyn > 0: scale the smaller of ||g_D|| and (beta / dyn) ||g_F|| up so that ||g_D|| = (beta / dyn) ||g_F||
-    u <- u - lr * lr_scale * (g_D + g_F)
+    g = g_D + g_F + wd u;  b <- m b + g (b = g first);  d = g + m b (Nesterov) or b
+    u <- u - lr * lr_scale * d
 
-The expected values are computed in plain Python floats, one group at a time.
+The expected values are computed in plain Python floats, one group at a time; S2HConfig's validation of the
+optimiser settings is checked at the end.
 """
 from __future__ import annotations
 
@@ -15,8 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from s2hk import S2HPruner
-from s2hk.mask_optim import MaskOptimizer, balance_gradients
+from s2hk import S2HConfig, S2HPruner
+from s2hk.mask_optim import MaskOptimizer, balance_gradients, rescale_task_gradient
 from s2hk.masks import GateLayout
 
 
@@ -189,6 +192,144 @@ def test_mask_optimizer_state_round_trip():
     assert b.lr == 3.0
 
 
+def hand_rescale(task, kd, scale, choices):
+    """dL/du of each group rescaled to ``scale`` x ||dG_s/du|| of that group, in Python floats."""
+    out, start = [], 0
+    for num in choices:
+        t, k = task[start:start + num], kd[start:start + num]
+        start += num
+        norm_t, norm_k = math.sqrt(sum(v * v for v in t)), math.sqrt(sum(v * v for v in k))
+        out += [v * scale * norm_k / norm_t if norm_t > 0 else 0.0 for v in t]
+    return out
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.25, 0.0])
+def test_rescale_task_gradient_matches_hand(scale):
+    layout = LAYOUTS["sizes-1-3-4-5"]
+    task, kd = random_grads(layout, seed=21, f_scale=0.01)
+    lo = layout.logit_offsets
+    task[lo[1]:lo[2]] = 0.0          # a group without task gradient stays zero
+    kd[lo[2]:lo[3]] = 0.0            # a group without KD gradient loses its task gradient
+    got = rescale_task_gradient(task, kd, layout, scale)
+    want = hand_rescale(task.tolist(), kd.tolist(), scale, layout.num_choices)
+    torch.testing.assert_close(got, torch.tensor(want, dtype=torch.float64), rtol=1e-12, atol=0)
+    assert group_norms(got, layout.num_choices)[3] == pytest.approx(scale * group_norms(kd, layout.num_choices)[3])
+
+
+def hand_sgd(u, grads, lr, momentum, nesterov, weight_decay):
+    """torch.optim.SGD's rule in Python floats, one list of gradients per step (lr may change per step)."""
+    u, buf = list(u), None
+    for g, step_lr in grads:
+        d = [gi + weight_decay * ui for gi, ui in zip(g, u)]
+        if momentum:
+            buf = list(d) if buf is None else [momentum * b + di for b, di in zip(buf, d)]
+            d = [di + momentum * b for di, b in zip(d, buf)] if nesterov else buf
+        u = [ui - step_lr * di for ui, di in zip(u, d)]
+    return u
+
+
+@pytest.mark.parametrize("momentum,nesterov,weight_decay", [(0.9, True, 0.0), (0.9, False, 0.0), (0.5, True, 0.05),
+                                                            (0.0, False, 0.1), (0.0, False, 0.0)])
+def test_momentum_nesterov_weight_decay_steps_match_hand(momentum, nesterov, weight_decay):
+    """Three steps with different gradients, R and lr scales: the balanced gradient goes through SGD's weight
+    decay, momentum buffer and Nesterov look-ahead exactly as written out by hand."""
+    layout = LAYOUTS["sizes-6-2"]
+    gen = torch.Generator().manual_seed(13)
+    logits = torch.randn(sum(layout.num_choices), generator=gen, dtype=torch.float64)
+    u0 = logits.tolist()
+    lam, rho, beta, lr = 1.0, 0.02, 1.0, 0.6
+    opt = MaskOptimizer(logits, layout, lr=lr, flops_weight=lam, tolerance=rho, balance=beta, momentum=momentum,
+                        nesterov=nesterov, weight_decay=weight_decay)
+    hand_steps = []
+    for i, (r_over_band, lr_scale) in enumerate([(4.0, 1.0), (0.3, 0.7), (2.0, 0.2)]):
+        g_d, g_f = random_grads(layout, seed=30 + i, f_scale=0.3)
+        r = r_over_band * lam * rho ** 2
+        opt.step(g_d, g_f, torch.tensor(r, dtype=torch.float64), lr_scale=lr_scale)
+        bd, bf = hand_balance(g_d.tolist(), g_f.tolist(), r, lam, rho, beta, layout.num_choices)
+        hand_steps.append(([a + b for a, b in zip(bd, bf)], lr * lr_scale))
+    want = hand_sgd(u0, hand_steps, lr, momentum, nesterov, weight_decay)
+    torch.testing.assert_close(logits, torch.tensor(want, dtype=torch.float64), rtol=1e-12, atol=1e-14)
+    assert (opt.momentum_buffer is None) == (momentum == 0)
+
+
+@pytest.mark.parametrize("scale", [None, 2.0])
+def test_step_with_kd_gradient_rescales_the_task_gradient(scale):
+    """With dG_s/du given apart, g_D = dG_s/du + dL/du (dL/du rescaled when task_grad_scale is set), then the
+    balancing and the momentum step."""
+    layout = LAYOUTS["sizes-1-3-4-5"]
+    gen = torch.Generator().manual_seed(17)
+    logits = torch.randn(sum(layout.num_choices), generator=gen, dtype=torch.float64)
+    u0 = logits.tolist()
+    task, kd = random_grads(layout, seed=18, f_scale=0.1)
+    _, g_f = random_grads(layout, seed=19, f_scale=0.05)
+    lam, rho, beta, lr, m = 1.0, 0.01, 1.0, 0.4, 0.8
+    r = 3.0 * lam * rho ** 2
+    opt = MaskOptimizer(logits, layout, lr=lr, flops_weight=lam, tolerance=rho, balance=beta, momentum=m,
+                        nesterov=True, task_grad_scale=scale)
+    opt.step(task, g_f, torch.tensor(r, dtype=torch.float64), kd_grad=kd)
+    t = task.tolist() if scale is None else hand_rescale(task.tolist(), kd.tolist(), scale, layout.num_choices)
+    bd, bf = hand_balance([a + b for a, b in zip(t, kd.tolist())], g_f.tolist(), r, lam, rho, beta,
+                          layout.num_choices)
+    want = hand_sgd(u0, [([a + b for a, b in zip(bd, bf)], lr)], lr, m, True, 0.0)
+    torch.testing.assert_close(logits, torch.tensor(want, dtype=torch.float64), rtol=1e-12, atol=1e-14)
+
+
+def test_task_grad_scale_needs_a_separate_kd_gradient():
+    """Without dG_s/du on its own (kd modes other than "decoupled") the data gradient is used as given."""
+    layout = LAYOUTS["sizes-6-2"]
+    g_d, g_f = random_grads(layout, seed=23)
+    r = torch.tensor(1.0, dtype=torch.float64)
+    a = MaskOptimizer(torch.zeros(8, dtype=torch.float64), layout, 1.0, 1.0, 0.01, 1.0, task_grad_scale=0.5)
+    b = MaskOptimizer(torch.zeros(8, dtype=torch.float64), layout, 1.0, 1.0, 0.01, 1.0)
+    a.step(g_d, g_f, r)
+    b.step(g_d, g_f, r)
+    assert torch.equal(a.logits, b.logits) and a.logits.abs().max() > 0
+
+
+def test_momentum_state_round_trip_resumes_the_same_trajectory():
+    layout = LAYOUTS["sizes-6-2"]
+    r = torch.tensor(2e-4, dtype=torch.float64)
+    grads = [random_grads(layout, seed=40 + i) for i in range(3)]
+
+    def make_opt():
+        return MaskOptimizer(torch.zeros(8, dtype=torch.float64), layout, 0.5, 1.0, 0.01, 1.0, momentum=0.9,
+                             nesterov=True, weight_decay=1e-3)
+
+    whole = make_opt()
+    for g_d, g_f in grads:
+        whole.step(g_d, g_f, r)
+    first = make_opt()
+    first.step(*grads[0], r)
+    state = first.state_dict()
+    resumed = make_opt()
+    resumed.logits.copy_(first.logits)
+    resumed.load_state_dict(state)
+    first.step(*grads[1], r)  # the saved buffer is a copy: stepping on does not change it
+    resumed.load_state_dict(state)
+    for g_d, g_f in grads[1:]:
+        resumed.step(g_d, g_f, r)
+    torch.testing.assert_close(resumed.logits, whole.logits, rtol=0, atol=0)
+    assert "momentum_buffer" in state and state["momentum_buffer"] is not None
+    old = make_opt()  # a state saved before the buffer existed restarts the momentum
+    old.load_state_dict({"lr": 0.25})
+    assert old.lr == 0.25 and old.momentum_buffer is None
+
+
+@pytest.mark.parametrize("bad", [{"mask_momentum": 1.0}, {"mask_momentum": -0.1}, {"mask_nesterov": True},
+                                 {"mask_weight_decay": -1e-4}, {"mask_lr": -1.0}, {"task_grad_scale": -0.5},
+                                 {"task_grad_scale": float("inf")}, {"task_grad_scale": float("nan")},
+                                 {"flops_scope": "convs"}, {"max_balance_scale": 0.5}])
+def test_config_rejects_bad_mask_optimiser_settings(bad):
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        S2HConfig(**{"mask_momentum": 0.0, **bad})
+
+
+def test_config_accepts_the_documented_ranges():
+    cfg = S2HConfig(mask_momentum=0.9, mask_nesterov=True, mask_weight_decay=1e-4, task_grad_scale=0.0,
+                    flops_scope="prunable", max_balance_scale=1.0)
+    assert S2HConfig.from_dict(cfg.to_dict()) == cfg
+
+
 # ------------------------------------------------------------------------ lr following the weight schedule
 
 class Net(nn.Module):
@@ -207,10 +348,11 @@ def capture(pruner):
     calls = []
     original = pruner.mask_optimizer.step
 
-    def step(data_grad, flops_grad, flops_loss, lr_scale=1.0):
+    def step(task_grad, flops_grad, flops_loss, lr_scale=1.0, kd_grad=None):
+        data_grad = task_grad if kd_grad is None else task_grad + kd_grad  # no rescaling by default
         calls.append((data_grad.detach().clone(), flops_grad.detach().clone(), float(flops_loss.detach()), lr_scale,
                       pruner.mask_logits.detach().clone()))
-        return original(data_grad, flops_grad, flops_loss, lr_scale)
+        return original(task_grad, flops_grad, flops_loss, lr_scale, kd_grad)
 
     pruner.mask_optimizer.step = step
     return calls

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from s2hk import S2HPruner, dispatch, routing
+from s2hk.mask_optim import balance_gradients
 from helpers import ResidualNet, TwoConvNet as Net
 
 RTOL, ATOL = 1e-10, 1e-13
@@ -59,10 +60,11 @@ def capture_mask_steps(pruner: S2HPruner) -> list:
     calls = []
     original = pruner.mask_optimizer.step
 
-    def step(data_grad, flops_grad, flops_loss, lr_scale=1.0):
-        calls.append({"data_grad": data_grad.detach().clone(), "flops_grad": flops_grad.detach().clone(),
+    def step(task_grad, flops_grad, flops_loss, lr_scale=1.0, kd_grad=None):
+        calls.append({"task_grad": task_grad.detach().clone(), "flops_grad": flops_grad.detach().clone(),
+                      "kd_grad": None if kd_grad is None else kd_grad.detach().clone(),
                       "flops_loss": flops_loss.detach().clone(), "lr_scale": lr_scale})
-        return original(data_grad, flops_grad, flops_loss, lr_scale)
+        return original(task_grad, flops_grad, flops_loss, lr_scale, kd_grad)
 
     pruner.mask_optimizer.step = step
     return calls
@@ -107,11 +109,12 @@ EXPECTED_THETA = {
     "mutual": ("L", "G_h", "G_s"),
     "none": ("L",),
 }
+# what reaches u, as (the task gradient of the shared backward, dG_s/du from its own u-only backward or None)
 EXPECTED_U = {
-    "decoupled": ("L", "G_s"),
-    "unidirectional": ("L",),
-    "mutual": ("L", "G_s"),
-    "none": ("L",),
+    "decoupled": (("L",), ("G_s",)),
+    "unidirectional": (("L",), None),
+    "mutual": (("L", "G_s"), None),
+    "none": (("L",), None),
 }
 
 CASES = ([(Net, mode, "cpp", 1.0) for mode in EXPECTED_THETA]
@@ -155,9 +158,17 @@ def test_train_step_routes_each_term_as_the_table_says(net_cls, mode, impl, temp
                                expected_theta):
         torch.testing.assert_close(got, want, rtol=RTOL, atol=ATOL, msg=f"{mode}: weight gradient of {name}")
 
-    expected_u = sum(hand[t]["u"] if hand[t]["u"] is not None else torch.zeros_like(u) for t in EXPECTED_U[mode])
-    torch.testing.assert_close(calls[0]["data_grad"], expected_u, rtol=RTOL, atol=ATOL)
-    assert torch.count_nonzero(expected_u) > 0
+    def hand_u(terms):
+        return sum(hand[t]["u"] if hand[t]["u"] is not None else torch.zeros_like(u) for t in terms)
+
+    task_terms, kd_terms = EXPECTED_U[mode]
+    torch.testing.assert_close(calls[0]["task_grad"], hand_u(task_terms), rtol=RTOL, atol=ATOL)
+    assert torch.count_nonzero(hand_u(task_terms)) > 0
+    if kd_terms is None:
+        assert calls[0]["kd_grad"] is None
+    else:
+        torch.testing.assert_close(calls[0]["kd_grad"], hand_u(kd_terms), rtol=RTOL, atol=ATOL)
+        assert torch.count_nonzero(hand_u(kd_terms)) > 0
 
     # the reported values are the terms' values
     assert metrics["loss"] == pytest.approx(float(hand["L"]["value"]), rel=1e-12)
@@ -235,7 +246,7 @@ def test_decoupled_mask_only_backward_computes_no_weight_gradient(monkeypatch):
         u.grad = sentinel
         monkeypatch.setattr(torch.autograd, "grad", grad)
         fired.clear()
-        data_grad = routing.route("decoupled", soft, hard, grads, u)
+        task_grad, kd_grad = routing.route("decoupled", soft, hard, grads, u)
         monkeypatch.undo()
     finally:
         for handle in handles:
@@ -250,8 +261,39 @@ def test_decoupled_mask_only_backward_computes_no_weight_gradient(monkeypatch):
     torch.testing.assert_close(only["result"][0], hand["G_s"]["u"], rtol=RTOL, atol=ATOL)
     # the full backward reached every weight once
     assert sorted(fired) == list(range(len(params)))
-    torch.testing.assert_close(data_grad, hand["L"]["u"] + hand["G_s"]["u"], rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(task_grad, hand["L"]["u"], rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(kd_grad, hand["G_s"]["u"], rtol=RTOL, atol=ATOL)
     assert u.grad is sentinel and torch.equal(u.grad, torch.full_like(u, 123.0))
+
+
+@pytest.mark.parametrize("mode", ["decoupled", "mutual", "unidirectional"])
+def test_task_gradient_rescaling_acts_on_the_routed_terms(mode):
+    """task_grad_scale c: one step moves u by -lr times the balanced (g_D, g_F), where in "decoupled" mode g_D =
+    dG_s/du + c ||dG_s/du|| / ||dL/du|| dL/du per group, from the hand terms; the other modes route no separate
+    dG_s/du, so g_D is what reaches u, unscaled. (The balancing itself is checked in test_mask_optim.py.)"""
+    c, lr = 0.5, 0.7
+    pruner = make_pruner(kd=mode, mask_lr=lr, task_grad_scale=c)
+    x, y = batch()
+    hand = hand_terms(pruner, x, y, 0.7, 1.0)
+    u = pruner.mask_logits
+    before = u.detach().clone()
+    calls = capture_mask_steps(pruner)
+    pruner.train_step(x, y, torch.optim.SGD(pruner.weight_parameters(), lr=0.0))
+    task, kd = hand["L"]["u"], hand["G_s"]["u"]
+    if mode == "decoupled":
+        rescaled, lo = [], pruner.gate_layout.logit_offsets
+        for start, stop in zip(lo, lo[1:]):
+            t, k = task[start:stop].tolist(), kd[start:stop].tolist()
+            factor = c * math.sqrt(sum(v * v for v in k)) / math.sqrt(sum(v * v for v in t))
+            rescaled += [v * factor for v in t]
+        data_grad = torch.tensor(rescaled, dtype=torch.float64) + kd
+        assert not torch.allclose(data_grad, task + kd, rtol=1e-3)
+    else:
+        data_grad = task + kd if mode == "mutual" else task
+    cfg = pruner.config
+    g_d, g_f = balance_gradients(data_grad, calls[0]["flops_grad"], calls[0]["flops_loss"], pruner.gate_layout,
+                                 cfg.flops_weight, cfg.tolerance, cfg.balance)
+    torch.testing.assert_close(u.detach(), before - lr * (g_d + g_f), rtol=1e-10, atol=1e-12)
 
 
 # --------------------------------------------------------------------------------------- FLOPs regulariser
