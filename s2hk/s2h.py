@@ -8,6 +8,7 @@ in one host transfer.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any, Iterable, Optional
 
 import torch
@@ -18,6 +19,7 @@ from torch import Tensor
 from .config import S2HConfig
 from .distributed import all_reduce_mean_
 from .engine import TensorMove, TwoPathNetwork
+from .flops import FLOPS_SCOPES
 from .mask_optim import MaskOptimizer
 from .routing import logit_gradients, route
 
@@ -53,15 +55,47 @@ class S2HPruner(TwoPathNetwork):
                          max_choices=self_config.max_choices, tau=self_config.tau,
                          importance=self_config.importance, prune_embedding=self_config.prune_embedding)
         self.config = self_config
-        self.mask_optimizer = MaskOptimizer(self.mask_logits, self.gate_layout, self_config.mask_lr,
-                                            self_config.flops_weight, self_config.tolerance, self_config.balance,
-                                            self_config.max_balance_scale, self_config.recenter)
+        c = self_config
+        self.mask_optimizer = MaskOptimizer(self.mask_logits, self.gate_layout, c.mask_lr, c.flops_weight,
+                                            c.tolerance, c.balance, c.max_balance_scale, c.recenter,
+                                            c.mask_momentum, c.mask_nesterov, c.mask_weight_decay, c.task_grad_scale)
         self.phase = "joint"
+        self._warn_if_target_unreachable()
+
+    def _warn_if_target_unreachable(self) -> None:
+        """Say at construction when the masks cannot reach the target: nothing is prunable (the weights are
+        trained, the masks never move), or layers that keep their width hold more FLOPs than the target
+        allows even with every prunable group at its narrowest width."""
+        if not self.prunable:
+            warnings.warn("S2HPruner: no channel group of this model is prunable (every group is frozen, ignored "
+                          "or feeds the model's output); train_step trains the weights and never moves a mask, so "
+                          f"the FLOPs ratio stays 1.0 whatever target_flops ({self.config.target_flops})",
+                          UserWarning, stacklevel=3)
+            return
+        narrowest = self.all_widths(self.gate_layout.granularities)
+        minimum = self.flops_polynomial.ratio_at(narrowest, scope=self.config.flops_scope)
+        if minimum > self.config.target_flops:
+            warnings.warn(f"S2HPruner: target_flops {self.config.target_flops} is unreachable: with every prunable "
+                          f"group at its narrowest width the FLOPs ratio (scope {self.config.flops_scope!r}) is "
+                          f"{minimum:.4f}, held up by the layers whose width cannot change; the masks will go to "
+                          "the narrowest widths and stop there", UserWarning, stacklevel=3)
 
     # ------------------------------------------------------------------ losses
     def flops_ratio(self, widths: Tensor) -> Tensor:
-        """Differentiable F_soft / F_full for all groups' (straight-through) widths."""
-        return self.flops_polynomial(widths) / self.flops_polynomial.dense_flops
+        """Differentiable F_soft / F_full under :attr:`S2HConfig.flops_scope` for all groups' (straight-through)
+        widths."""
+        return self.flops_polynomial.ratio(widths, self.config.flops_scope)
+
+    def hard_flops_ratios(self) -> dict[str, float]:
+        """The hard network's remaining-FLOPs ratio under both scopes, as metrics: ``hard_flops_ratio`` under
+        :attr:`S2HConfig.flops_scope` (what R drives to the target) and ``hard_flops_ratio_<other scope>``
+        (``hard_flops_ratio_prunable`` by default)."""
+        widths = self.all_widths()
+        out = {}
+        for scope in sorted(FLOPS_SCOPES, key=lambda s: s != self.config.flops_scope):
+            key = "hard_flops_ratio" if scope == self.config.flops_scope else f"hard_flops_ratio_{scope}"
+            out[key] = self.flops_polynomial.ratio_at(widths, scope=scope)
+        return out
 
     def flops_loss(self, widths: Tensor) -> tuple[Tensor, Tensor]:
         """``(R, ratio)`` with ``R = lambda (F_soft / F_full - T)^2``."""
@@ -85,7 +119,8 @@ class S2HPruner(TwoPathNetwork):
 
         Returns the step's metrics as floats: loss (task CE of the soft path), kd_hard (G_h), kd_soft (G_s),
         flops_loss (R), soft_flops_ratio (F_soft / F_full), hard_flops_ratio (of the next step's hard
-        network), soft_acc and hard_acc (batch accuracies).
+        network), both under ``flops_scope``, hard_flops_ratio_<other scope> (:meth:`hard_flops_ratios`),
+        soft_acc and hard_acc (batch accuracies).
         """
         inputs = x if isinstance(x, tuple) else (x,)
         optimizer.zero_grad(set_to_none=True)
@@ -107,14 +142,15 @@ class S2HPruner(TwoPathNetwork):
                 hard = self.run("hard", *inputs)
         grads = logit_gradients(soft, hard, y, cfg.alpha, cfg.kd_temperature)
         flops_loss, ratio = self.flops_loss(widths)
-        if self.mask_logits.numel():
+        if self.prunable:  # taken before route's backward frees the gates' graph, which R shares
             (flops_grad,) = torch.autograd.grad(flops_loss, self.mask_logits, retain_graph=True)
-        else:
-            flops_grad = torch.zeros_like(self.mask_logits)
-        data_grad = route(cfg.kd, soft, hard, grads, self.mask_logits)
+        task_grad, kd_grad = route(cfg.kd, soft, hard, grads, self.mask_logits)
+        mask_grads = [task_grad] + ([] if kd_grad is None else [kd_grad])
         # data-parallel: average what depends on this rank's shard (R depends on the logits alone)
-        all_reduce_mean_([p.grad for p in self.weight_parameters()] + [data_grad])
-        self.mask_optimizer.step(data_grad, flops_grad.to(data_grad.dtype), flops_loss, _lr_scale(optimizer))
+        all_reduce_mean_([p.grad for p in self.weight_parameters()] + mask_grads)
+        if self.prunable:  # with nothing to prune there are no logits to update (R is a constant)
+            self.mask_optimizer.step(task_grad, flops_grad.to(task_grad.dtype), flops_loss, _lr_scale(optimizer),
+                                     kd_grad)
         optimizer.step()
         soft_acc = _accuracy(soft, y)
         hard_acc = _accuracy(hard, y) if hard is not None else soft_acc.new_tensor(float("nan"))
@@ -123,7 +159,7 @@ class S2HPruner(TwoPathNetwork):
         host = self.refresh_plan(extra=values)
         keys = ("loss", "kd_hard", "kd_soft", "flops_loss", "soft_flops_ratio", "soft_acc", "hard_acc")
         metrics = dict(zip(keys, host))
-        metrics["hard_flops_ratio"] = self.flops("hard") / self.flops("full")
+        metrics.update(self.hard_flops_ratios())
         return metrics
 
     def _plain_step(self, inputs: tuple, y: Tensor, optimizer: torch.optim.Optimizer, path: str) -> dict[str, float]:
@@ -137,10 +173,9 @@ class S2HPruner(TwoPathNetwork):
         optimizer.step()
         acc = _accuracy(logits, y)
         loss_v, acc_v = torch.stack([loss.detach().double(), acc]).tolist()
-        ratio = self.flops("hard") / self.flops("full")
         nan = float("nan")
         return {"loss": loss_v, "kd_hard": nan, "kd_soft": nan, "flops_loss": nan, "soft_flops_ratio": nan,
-                "hard_flops_ratio": ratio, "soft_acc": acc_v if path == "dense" else nan,
+                **self.hard_flops_ratios(), "soft_acc": acc_v if path == "dense" else nan,
                 "hard_acc": acc_v if path == "hard" else nan}
 
     # ------------------------------------------------------------------ evaluation
@@ -217,9 +252,18 @@ class S2HPruner(TwoPathNetwork):
         object."""
         super()._move_state(move)
         self.mask_optimizer.logits = self.mask_logits
+        self.mask_optimizer.momentum_buffer = _move_buffer(self.mask_optimizer.momentum_buffer, move)
 
     def _group_signature(self) -> list[list]:
         return [[g.name, g.channels, d] for g, d in zip(self.prunable, self.gate_layout.granularities)]
+
+def _move_buffer(buffer: Optional[Tensor], move: TensorMove) -> Optional[Tensor]:
+    """The mask optimiser's momentum buffer converted like the logits it follows; dropped when it leaves
+    ``"meta"``, where it kept no values (the momentum restarts, as after construction)."""
+    if buffer is None or (buffer.is_meta and move.device.type != "meta"):
+        return None
+    return move.convert(buffer)
+
 
 def _accuracy(logits: Tensor, y: Tensor) -> Tensor:
     return (logits.detach().argmax(-1) == y).double().mean()

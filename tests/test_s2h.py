@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import io
 import math
+import warnings
 
 import pytest
 import torch
@@ -20,7 +21,8 @@ from helpers import TwoConvNet as Net
 
 NUM_CLASSES = 5
 EPS = 1e-5
-KEYS = {"loss", "kd_hard", "kd_soft", "flops_loss", "soft_flops_ratio", "hard_flops_ratio", "soft_acc", "hard_acc"}
+KEYS = {"loss", "kd_hard", "kd_soft", "flops_loss", "soft_flops_ratio", "hard_flops_ratio", "hard_flops_ratio_prunable",
+        "soft_acc", "hard_acc"}
 
 
 class Other(nn.Module):
@@ -409,13 +411,18 @@ def _snapshot(pruner):
             "pinned": {k: (v if isinstance(v, int) else v.tolist()) for k, v in pruner._pinned.items()},
             "hard_bn": hard_buffers(pruner), "phase": pruner.phase, "widths": list(pruner.plan.widths),
             "kept": [kept_list(s, c) for s, c in zip(pruner.plan.selections, (8, 12))],
-            "mask_lr": pruner.mask_optimizer.lr}
+            "mask_lr": pruner.mask_optimizer.lr, "momentum": pruner.mask_optimizer.state_dict()["momentum_buffer"]}
 
 
 def _same(a, b):
     return (torch.equal(a["logits"], b["logits"]) and torch.equal(a["ranks"], b["ranks"])
             and a["pinned"] == b["pinned"] and equal_dicts(a["hard_bn"], b["hard_bn"]) and a["phase"] == b["phase"]
-            and a["widths"] == b["widths"] and a["kept"] == b["kept"] and a["mask_lr"] == b["mask_lr"])
+            and a["widths"] == b["widths"] and a["kept"] == b["kept"] and a["mask_lr"] == b["mask_lr"]
+            and _same_buffer(a["momentum"], b["momentum"]))
+
+
+def _same_buffer(a, b):
+    return a is None and b is None or a is not None and b is not None and torch.equal(a, b)
 
 
 @pytest.mark.parametrize("importance", ["dynamic", "frozen"])
@@ -423,14 +430,14 @@ def test_pruning_state_round_trip(importance):
     """Saved with the model's weights (a checkpoint), restored into the same pruner after it moved on, and into
     a fresh one. With frozen importance the ranks cannot be re-derived from the weights: they must come back
     from the state itself."""
-    pruner = make(logits=2.0, seed=6, importance=importance)
+    pruner = make(logits=2.0, seed=6, importance=importance, mask_momentum=0.9)
     opt = torch.optim.SGD(pruner.weight_parameters(), lr=0.5)
     for step in range(2):
         pruner.train_step(*data(70 + step), opt)
     pruner.set_hard_widths({"c1": [0, 3, 5, 6], "c2": 6})
     pruner.mask_optimizer.lr = 1.25
     saved = _snapshot(pruner)
-    assert saved["pinned"] and saved["kept"][0] == [0, 3, 5, 6]
+    assert saved["pinned"] and saved["kept"][0] == [0, 3, 5, 6] and saved["momentum"] is not None
     weights = copy.deepcopy(pruner.model.state_dict())
     buffer = io.BytesIO()
     torch.save(pruner.pruning_state(), buffer)
@@ -455,7 +462,7 @@ def test_pruning_state_round_trip(importance):
     assert _same(_snapshot(pruner), saved)
 
     if importance == "dynamic":  # a resume: a fresh pruner of the same architecture, then the checkpoint
-        fresh = make(seed=11, importance=importance)
+        fresh = make(seed=11, importance=importance, mask_momentum=0.9)
         fresh.model.load_state_dict(weights)
         fresh.load_pruning_state(state)
         assert _same(_snapshot(fresh), saved)
@@ -532,3 +539,100 @@ def test_extension_and_reference_give_the_same_training(monkeypatch):
     assert ext.plan.widths == ref.plan.widths
     for a, b in zip(ext.weight_parameters(), ref.weight_parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------- mask optimiser state
+
+def test_mask_momentum_buffer_follows_the_network_moves():
+    """The momentum buffer converts like the logits (dtype), goes to "meta" with them, and restarts when the
+    network leaves "meta" (to_empty), where it has no values; the optimiser holds the new logits."""
+    pruner = make(dtype=torch.float32, logits=2.0, mask_momentum=0.9, mask_nesterov=True)
+    pruner.train_step(*data(1, dtype=torch.float32), torch.optim.SGD(pruner.weight_parameters(), lr=0.1))
+    buffer = pruner.mask_optimizer.momentum_buffer
+    assert buffer.dtype == torch.float32 and torch.count_nonzero(buffer) > 0
+    pruner.double()
+    moved = pruner.mask_optimizer.momentum_buffer
+    assert moved.dtype == torch.float64 and torch.equal(moved, buffer.double())
+    pruner.to("meta")
+    assert pruner.mask_optimizer.momentum_buffer.is_meta
+    pruner.to_empty(device="cpu")
+    assert pruner.mask_optimizer.momentum_buffer is None
+    assert pruner.mask_optimizer.logits is pruner.mask_logits and not pruner.mask_logits.is_meta
+
+
+# ----------------------------------------------------------------------------------------- FLOPs scope
+
+@pytest.mark.parametrize("scope", ["all", "prunable"])
+def test_flops_scope_sets_the_regulariser_and_the_reported_ratios(scope):
+    """R and *_flops_ratio count under flops_scope; the hard network's ratio under the other scope is reported
+    as hard_flops_ratio_<other>. "prunable" leaves out the stem c1 (reads the input) and the classifier, so only
+    c2 counts: k1 k2 / (8 * 12)."""
+    other = "prunable" if scope == "all" else "all"
+
+    def ratios(g1, g2):
+        return {"all": hand_flops_ratio(g1["k"], g2["k"]), "prunable": g1["k"] * g2["k"] / 96}
+
+    pruner = make(logits=2.0, mask_lr=50.0, flops_weight=2.0, flops_scope=scope)
+    now = ratios(*hand_plan(pruner))
+    assert now["all"] != pytest.approx(now["prunable"], rel=1e-3)
+    _, widths = pruner.gates()
+    r, ratio = pruner.flops_loss(widths)
+    assert ratio.item() == pytest.approx(now[scope], rel=1e-12)
+    assert r.item() == pytest.approx(2.0 * (now[scope] - 0.35) ** 2, rel=1e-12)
+
+    metrics = pruner.train_step(*data(1), torch.optim.SGD(pruner.weight_parameters(), lr=0.1))
+    assert set(metrics) == {k for k in KEYS if k != "hard_flops_ratio_prunable"} | {f"hard_flops_ratio_{other}"} \
+        if scope == "prunable" else set(metrics) == KEYS
+    assert metrics["soft_flops_ratio"] == pytest.approx(now[scope], rel=1e-12)
+    assert metrics["flops_loss"] == pytest.approx(2.0 * (now[scope] - 0.35) ** 2, rel=1e-12)
+    after = ratios(*hand_plan(pruner))
+    want = {"hard_flops_ratio": after[scope], f"hard_flops_ratio_{other}": after[other]}
+    assert {k: metrics[k] for k in want} == pytest.approx(want, rel=1e-12)
+    assert pruner.hard_flops_ratios() == pytest.approx(want, rel=1e-12)
+
+
+# ----------------------------------------------------------------------------------------- what cannot be pruned
+
+@pytest.mark.parametrize("kd", ["decoupled", "mutual"])
+def test_nothing_prunable_trains_the_weights_and_says_so_once(kd):
+    """A model whose only conv feeds the output has no prunable group: construction warns once, and each
+    step trains the weights exactly as plain cross-entropy (the hard network is the dense one, so the KD
+    terms vanish) without touching a mask."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 10, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten()).double()
+    reference = copy.deepcopy(model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pruner = S2HPruner(model, torch.randn(1, 3, 6, 6, dtype=torch.float64), target_flops=0.35, kd=kd)
+        opt = torch.optim.SGD(pruner.weight_parameters(), lr=0.1)
+        steps = [pruner.train_step(*data(200 + i), opt) for i in range(2)]
+    ours = [str(w.message) for w in caught if str(w.message).startswith("S2HPruner")]
+    assert len(ours) == 1 and "prunable" in ours[0]
+    assert pruner.mask_logits.numel() == 0
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.1)
+    for i in range(2):
+        x, y = data(200 + i)
+        ref_opt.zero_grad()
+        F.cross_entropy(reference(x), y).backward()
+        ref_opt.step()
+    for got, want in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+    assert not torch.equal(next(model.parameters()), next(copy.deepcopy(reference).parameters()) * 0)
+    assert all(m["hard_flops_ratio"] == 1.0 and m["kd_hard"] == 0.0 for m in steps)
+
+
+@pytest.mark.parametrize("scope,target,warns", [("all", 0.08, True), ("all", 0.09, False),
+                                                ("prunable", 0.04, True), ("prunable", 0.05, False)])
+def test_unreachable_target_warns_at_construction_with_the_minimum_ratio(scope, target, warns):
+    """At the narrowest widths (2 and 2 channels) the network keeps hand_flops_ratio(2, 2) = 0.0835 of its
+    FLOPs under "all" (the stem's input and the classifier's output cannot shrink), 4 / 96 = 0.0417 under
+    "prunable"; a target below that is unreachable."""
+    minimum = {"all": hand_flops_ratio(2, 2), "prunable": 4 / 96}[scope]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make(target_flops=target, flops_scope=scope)
+    ours = [str(w.message) for w in caught if str(w.message).startswith("S2HPruner")]
+    if warns:
+        assert len(ours) == 1 and "unreachable" in ours[0] and f"{minimum:.4f}" in ours[0]
+    else:
+        assert ours == []
