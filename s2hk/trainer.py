@@ -7,7 +7,11 @@ The loop only needs the pruner's common surface: ``train_step(x, y, optimizer) -
 
 Resuming from a checkpoint continues bit-identically: weights, masks, both optimisers, the lr schedule, every
 RNG and the position in the (deterministic) data order are restored, and the metric records written after
-the checkpoint by the interrupted run are dropped before they are written again.
+the checkpoint by the interrupted run are dropped before they are written again. A damaged newest checkpoint
+is passed over for the newest intact one, with one line saying so. An epoch's checkpoint is written before
+its evaluation, so a failing evaluation (an unreadable validation image) never loses the epoch's training.
+Starting over (``fit(resume=False)``) never deletes: the earlier attempt's files are moved into
+``out_dir/previous-<UTC time>/``.
 
 Data-parallel runs (``torchrun``, see :mod:`s2hk.distributed`): every rank builds the same global batch,
 trains on its shard of it, and starts from rank 0's weights and mask logits; evaluation is split over the
@@ -17,6 +21,8 @@ from __future__ import annotations
 
 import json
 import math
+import sys
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional
@@ -25,8 +31,8 @@ import torch
 from torch import Tensor, nn
 
 from . import distributed as dist_utils
-from .checkpoint import (CheckpointError, capture_rng_state, checkpoint_path, latest_checkpoint, list_checkpoints,
-                         load_checkpoint, restore_rng_state, rotate_checkpoints, save_checkpoint)
+from .checkpoint import (CheckpointError, capture_rng_state, checkpoint_path, list_checkpoints, load_checkpoint,
+                         restore_rng_state, rotate_checkpoints, save_checkpoint)
 from .metrics import MetricsLogger
 
 __all__ = ["TrainConfig", "Trainer", "cosine_schedule"]
@@ -88,12 +94,20 @@ class Trainer:
         run_config: the resolved configuration, written to ``out_dir/config.json`` and into every checkpoint.
         resume_ignore: keys of ``run_config`` that may differ when resuming (paths, thread counts, ...); any
             other difference between the checkpoint's settings and ``run_config`` refuses the checkpoint.
+        other_outputs: names of files or folders in ``out_dir`` that the caller writes for the run (a summary,
+            plots); starting over moves them aside with the trainer's own.
+        started: the :func:`time.perf_counter` value at which this invocation began (default: now); the
+            wall time counted in checkpoints and :attr:`wall_seconds` runs from it.
     """
+
+    #: files and folders the trainer writes in ``out_dir``
+    OUTPUTS = ("checkpoints", "metrics.jsonl", "epochs.csv", "config.json", "tensorboard")
 
     def __init__(self, pruner: nn.Module, train_loader: Any, val_loader: Any, epochs: int,
                  phase_of: Optional[Callable[[int], str]] = None, config: Optional[TrainConfig] = None,
                  out_dir: Optional[str | Path] = None, run_config: Optional[dict] = None,
-                 resume_ignore: Iterable[str] = ()) -> None:
+                 resume_ignore: Iterable[str] = (), other_outputs: Iterable[str] = (),
+                 started: Optional[float] = None) -> None:
         self.pruner = pruner
         self.train_loader = train_loader
         self.val_loader = val_loader
@@ -103,6 +117,8 @@ class Trainer:
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.run_config = dict(run_config or {})
         self.resume_ignore = frozenset(resume_ignore)
+        self.outputs = tuple(self.OUTPUTS) + tuple(other_outputs)
+        self.started = time.perf_counter() if started is None else float(started)
         self.optimizer = torch.optim.SGD(pruner.weight_parameters(), lr=self.config.lr,
                                          momentum=self.config.momentum, nesterov=self.config.nesterov,
                                          weight_decay=self.config.weight_decay)
@@ -113,6 +129,8 @@ class Trainer:
         factor = cosine_schedule(self.total_steps) if self.config.schedule == "cosine" else _constant
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
         self.epoch, self.batch, self.step = 0, 0, 0
+        self.epoch_ended = False  # the current epoch's training and on_epoch_end are done; evaluation is not
+        self.wall_seconds_before = 0.0  # wall time of earlier invocations, up to the checkpoint resumed from (s)
         self.history: list[dict] = []
         self.resumed_from: Optional[Path] = None
         self.device = pruner.mask_logits.device
@@ -123,12 +141,26 @@ class Trainer:
         """``out_dir/checkpoints`` (None without a run folder)."""
         return self.out_dir / "checkpoints" if self.out_dir is not None else None
 
+    @property
+    def wall_seconds(self) -> float:
+        """Wall time of the whole run in seconds: earlier invocations up to the checkpoint this one resumed
+        from, plus this invocation since ``started`` (time an interrupted invocation spent after its last
+        checkpoint is not known, so not counted)."""
+        return self.wall_seconds_before + self.invocation_seconds
+
+    @property
+    def invocation_seconds(self) -> float:
+        """Wall time of this invocation in seconds, since ``started``."""
+        return time.perf_counter() - self.started
+
     def state(self) -> dict:
-        """Everything a bit-identical resume needs, as plain data for :func:`s2hk.checkpoint.save_checkpoint`."""
+        """Everything a bit-identical resume needs, as plain data for :func:`s2hk.checkpoint.save_checkpoint`
+        (and the run's wall time so far, in seconds, which does not change the numbers)."""
         return {"model": self.pruner.model.state_dict(), "pruning": self.pruner.pruning_state(),
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "epoch": self.epoch, "batch": self.batch, "step": self.step, "rng": capture_rng_state(),
-                "history": self.history, "config": self.run_config}
+                "epoch": self.epoch, "batch": self.batch, "step": self.step, "epoch_ended": self.epoch_ended,
+                "rng": capture_rng_state(), "history": self.history, "config": self.run_config,
+                "wall_seconds": self.wall_seconds}
 
     def save(self) -> Optional[Path]:
         """Write a checkpoint of the current step (rank 0 only) and drop the oldest beyond ``keep_last``."""
@@ -146,7 +178,10 @@ class Trainer:
             CheckpointError: the file is damaged or foreign, was written for another model or method, or by
                 a run with other settings (see ``resume_ignore``).
         """
-        state = load_checkpoint(path)
+        self._restore(path, load_checkpoint(path))
+
+    def _restore(self, path: str | Path, state: dict) -> None:
+        """Restore the loaded checkpoint ``state`` of ``path`` (refusals as :meth:`load`)."""
         missing = _STATE_KEYS - set(state)
         if missing:
             raise CheckpointError(path, f"not an s2hk training checkpoint (missing {sorted(missing)})")
@@ -160,6 +195,8 @@ class Trainer:
             reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise CheckpointError(path, f"was written for another model or method ({reason})") from err
         self.epoch, self.batch, self.step = int(state["epoch"]), int(state["batch"]), int(state["step"])
+        self.epoch_ended = bool(state.get("epoch_ended", False))
+        self.wall_seconds_before = float(state.get("wall_seconds", 0.0))
         self.history = list(state.get("history", []))
         restore_rng_state(state["rng"])
 
@@ -172,23 +209,60 @@ class Trainer:
                  if saved.get(k) != self.run_config.get(k)]
         if diffs:
             raise CheckpointError(path, "was written by a run with other settings (" + "; ".join(diffs) +
-                                  "); resume with the same settings, or start a new run in another folder "
-                                  "or without resuming")
+                                  "); resume with the same settings, write this run to another folder, or "
+                                  "start over without resuming (the folder's files are then moved aside)")
 
     def resume_if_possible(self) -> Optional[Path]:
-        """Load the newest checkpoint of the run folder, if any; returns its path."""
-        path = latest_checkpoint(self.checkpoint_dir) if self.checkpoint_dir is not None else None
-        if path is not None:
-            self.load(path)
-        self.resumed_from = path
-        return path
+        """Load the newest intact checkpoint of the run folder, if any; returns its path.
 
-    def discard_checkpoints(self) -> None:
-        """Delete the run folder's checkpoints (rank 0), so a run started over never resumes an old one."""
-        if self.checkpoint_dir is None or not dist_utils.is_rank0():
-            return
-        for path in list_checkpoints(self.checkpoint_dir):
-            path.unlink(missing_ok=True)
+        Damaged or foreign checkpoints newer than it are passed over, and one line on stderr (rank 0) names the
+        newest of them and the checkpoint resumed from; they stay in place (the run overwrites them when it
+        reaches their step again).
+
+        Raises:
+            CheckpointError: no checkpoint is intact (naming the newest), or the one found is refused by
+                :meth:`load` (another model or method, other settings).
+        """
+        damaged: list[CheckpointError] = []
+        self.resumed_from = None
+        paths = list_checkpoints(self.checkpoint_dir) if self.checkpoint_dir is not None else []
+        for path in reversed(paths):
+            try:
+                state = load_checkpoint(path)
+            except CheckpointError as err:
+                damaged.append(err)
+                continue
+            self._restore(path, state)
+            self.resumed_from = path
+            if damaged and dist_utils.is_rank0():
+                more = f" (and {len(damaged) - 1} older damaged one(s))" if len(damaged) > 1 else ""
+                print(f"s2hk: warning: checkpoint {damaged[0].path} is damaged ({damaged[0].reason}){more}; "
+                      f"resuming from {path}, the newest intact checkpoint", file=sys.stderr, flush=True)
+            return path
+        if damaged:
+            raise damaged[0]
+        return None
+
+    def set_aside(self) -> Optional[Path]:
+        """Move the run files already in ``out_dir`` (:attr:`outputs`) into ``out_dir/previous-<UTC time>/``
+        (rank 0) so the run starts over without deleting anything; returns that folder (None: nothing there)."""
+        if self.out_dir is None or not dist_utils.is_rank0():
+            return None
+        present = [self.out_dir / name for name in self.outputs if (self.out_dir / name).exists()]
+        if not present:
+            return None
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+        target = self.out_dir / f"previous-{stamp}"
+        suffix = 1
+        while target.exists():
+            suffix += 1
+            target = self.out_dir / f"previous-{stamp}-{suffix}"
+        target.mkdir()
+        for path in present:
+            path.rename(target / path.name)
+        print(f"s2hk: starting over in {self.out_dir}: the earlier files were moved to {target}",
+              file=sys.stderr, flush=True)
+        return target
 
     # ------------------------------------------------------------------ data parallel
     def synchronize_initial_state(self) -> None:
@@ -210,17 +284,19 @@ class Trainer:
         """Train to the end and return the final evaluation (soft/hard accuracy, gap, FLOPs ratio).
 
         Args:
-            resume: continue from the run folder's newest checkpoint; False starts over (deleting them).
+            resume: continue from the run folder's newest intact checkpoint; False starts over, moving the
+                folder's earlier run files aside (:meth:`set_aside`; nothing is deleted).
             stop_after_steps: return ``{}`` after this many more steps (simulates an interruption in tests).
         """
         if resume:
             self.resume_if_possible()
         else:
-            self.discard_checkpoints()
+            self.set_aside()
         self.synchronize_initial_state()
         self._write_config()
         self._announce_resume()
-        logger = MetricsLogger(self.out_dir, resume_step=self.step) if self.out_dir is not None else None
+        logger = (MetricsLogger(self.out_dir, resume_step=self.step, pending_epoch=self.epoch_ended)
+                  if self.out_dir is not None else None)
         budget = [stop_after_steps]
         try:
             while self.epoch < self.epochs:
@@ -269,7 +345,15 @@ class Trainer:
                 return
 
     def _train_step(self, x: Any, y: Tensor) -> dict:
-        """One optimisation step on this rank's shard of the global batch; returns rank-averaged metrics."""
+        """One optimisation step on this rank's shard of the global batch; returns rank-averaged metrics.
+
+        A global batch that lost images to unreadable files (a loader skipping them) is cut to a multiple of
+        the number of ranks, so that it still splits evenly."""
+        size = dist_utils.world_size()
+        if y.shape[0] % size:
+            keep = y.shape[0] - y.shape[0] % size
+            x = tuple(t[:keep] for t in x) if isinstance(x, (tuple, list)) else x[:keep]
+            y = y[:keep]
         x, y = dist_utils.shard_batch(x, y)
         metrics = self.pruner.train_step(_to(x, self.device), y.to(self.device), self.optimizer)
         self.scheduler.step()
@@ -278,10 +362,17 @@ class Trainer:
         return _mean_over_ranks(metrics, self.device)
 
     def _finish_epoch(self, logger: Optional[MetricsLogger]) -> None:
-        """End-of-epoch hook, evaluation, epoch record and checkpoint."""
-        on_epoch_end = getattr(self.pruner, "on_epoch_end", None)
-        if on_epoch_end is not None:
-            on_epoch_end()
+        """End-of-epoch hook and a checkpoint, then evaluation, the epoch record and the epoch's checkpoint.
+
+        The first checkpoint keeps the epoch's training when the evaluation fails (an unreadable validation
+        image); a resume from it evaluates again without repeating the hook. The second, of the same step,
+        replaces it once the record exists."""
+        if not self.epoch_ended:
+            on_epoch_end = getattr(self.pruner, "on_epoch_end", None)
+            if on_epoch_end is not None:
+                on_epoch_end()
+            self.epoch_ended = True
+            self.save()
         result = self.evaluate()
         record = {"epoch": self.epoch + 1, "step": self.step, "phase": self.phase_of(self.epoch), **result}
         self.history.append(record)
@@ -291,6 +382,7 @@ class Trainer:
             _write_line(_epoch_line(record, self.epochs))
         self.epoch += 1
         self.batch = 0
+        self.epoch_ended = False
         self.save()
 
     def _write_config(self) -> None:

@@ -16,7 +16,7 @@ from torch import nn
 
 from s2hk import S2HPruner
 from s2hk.checkpoint import CheckpointError, list_checkpoints, save_checkpoint
-from s2hk.data import make_loaders
+from s2hk.data import DatasetError, make_loaders
 from s2hk.metrics import read_metrics
 from s2hk.trainer import TrainConfig, Trainer, cosine_schedule
 
@@ -135,13 +135,84 @@ def test_finished_run_resumes_to_its_result(reference, tmp_path):
     assert_same_run(reference[0], snapshot(again))
 
 
-def test_no_resume_starts_over(tmp_path):
+def test_no_resume_starts_over_moving_the_earlier_files_aside(tmp_path, capsys):
     make_trainer(tmp_path, checkpoint_every=4).fit(stop_after_steps=10)
+    earlier = sorted(p.name for p in list_checkpoints(tmp_path / "checkpoints"))
+    (tmp_path / "notes.txt").write_text("the user's own file")
     trainer = make_trainer(tmp_path)
     trainer.fit(resume=False, stop_after_steps=3)
     assert trainer.resumed_from is None and trainer.step == 3
     assert list_checkpoints(tmp_path / "checkpoints") == []
     assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3]
+    (previous,) = tmp_path.glob("previous-*")  # nothing deleted: the earlier attempt is kept whole
+    assert [p.name for p in list_checkpoints(previous / "checkpoints")] == earlier
+    assert [r["step"] for r in read_metrics(previous, "step")] == list(range(1, 11))
+    assert (tmp_path / "notes.txt").read_text() == "the user's own file"  # not a run file: left in place
+    assert f"the earlier files were moved to {previous}" in capsys.readouterr().err
+
+
+class FailingSecondPass:
+    """A validation loader whose second pass raises (an unreadable image); the others work."""
+
+    def __init__(self, loader) -> None:
+        self.loader, self.passes = loader, 0
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        self.passes += 1
+        if self.passes == 2:
+            raise DatasetError("val/b/1.png: unreadable image")
+        return iter(self.loader)
+
+
+def test_failed_evaluation_keeps_the_epoch(reference, tmp_path):
+    """The evaluation ending the first joint epoch fails: the epoch's checkpoint is already written, and the
+    rerun evaluates from it (no step repeated) and finishes exactly as the uninterrupted run."""
+    ref_state, ref_dir = reference
+    first = make_trainer(tmp_path)
+    first.val_loader = FailingSecondPass(first.val_loader)
+    with pytest.raises(DatasetError):
+        first.fit()
+    assert list_checkpoints(tmp_path / "checkpoints")[-1].name == "checkpoint-000000016.pt"
+    resumed = make_trainer(tmp_path)
+    steps = []
+    step = resumed.pruner.train_step
+    resumed.pruner.train_step = lambda *args: steps.append(resumed.step) or step(*args)
+    resumed.fit()
+    assert resumed.resumed_from.name == "checkpoint-000000016.pt" and steps[0] == 16
+    assert_same_run(ref_state, snapshot(resumed))
+    assert metric_lines(tmp_path) == metric_lines(ref_dir)
+
+
+def test_damaged_newest_checkpoint_falls_back_to_the_intact_one(reference, tmp_path, capsys):
+    ref_state, _ = reference
+    make_trainer(tmp_path, checkpoint_every=3).fit(stop_after_steps=14)
+    older, newest = list_checkpoints(tmp_path / "checkpoints")  # steps 9 and 12
+    data = bytearray(newest.read_bytes())
+    data[-100] ^= 0xFF
+    newest.write_bytes(bytes(data))
+    resumed = make_trainer(tmp_path, checkpoint_every=3)
+    resumed.fit()
+    assert resumed.resumed_from == older
+    (line,) = [ln for ln in capsys.readouterr().err.splitlines() if "damaged" in ln]
+    assert str(newest) in line and "checksum mismatch" in line and str(older) in line
+    assert_same_run(ref_state, snapshot(resumed))
+
+
+def test_wall_time_accumulates_over_resumes(tmp_path):
+    first = make_trainer(tmp_path)
+    first.fit(stop_after_steps=9)  # the checkpoint of step 8 records the time so far
+    resumed = make_trainer(tmp_path)
+    resumed.started -= 1000.0  # as if this invocation had run for 1000 s more
+    resumed.fit()
+    assert resumed.wall_seconds_before > 0
+    assert resumed.wall_seconds == pytest.approx(resumed.wall_seconds_before + resumed.invocation_seconds, abs=0.1)
+    assert resumed.invocation_seconds > 1000
+    again = make_trainer(tmp_path)
+    again.fit()
+    assert again.wall_seconds_before > 1000 + resumed.wall_seconds_before - 1e-6
 
 
 # ------------------------------------------------------------------ refused checkpoints
