@@ -4,8 +4,15 @@
 the default FLOPs target, on the CPU, in a few minutes. Settings come from defaults, then a YAML/JSON file
 (``--config``), then flags; the resolved settings are written to the run folder as ``config.json``.
 
-Bad input (an unknown model or dataset, a missing dataset folder, a malformed config file, a model whose
-channels cannot be followed, a damaged checkpoint) is reported as one line on stderr with exit code 2.
+Every run gets its own folder by default, ``runs/<method>-<model>-<dataset>-<UTC time>``, and ``runs/latest``
+points to the newest (a symbolic link; a one-line text file naming it where links are not available).
+``--out DIR`` writes to (and resumes) ``DIR``; ``--resume`` alone resumes ``runs/latest``.
+
+Bad input (an unknown model or dataset, a missing dataset folder, a malformed config file, a setting the
+chosen method or dataset does not use, a model whose channels cannot be followed, a damaged checkpoint, an
+unreadable image) is reported as one line on stderr with exit code 2, before any training where it can be
+checked up front. A run whose pruned network ends outside its FLOPs target band says so in its summary and
+exits with code 3 (:data:`EXIT_MISSED_TARGET`).
 
 Data-parallel training: ``torchrun --standalone --nproc_per_node=N -m s2hk.cli prune ...`` (gloo on the CPU,
 nccl with ``--device cuda``); ``--batch-size`` is the global batch, split evenly over the ranks.
@@ -24,7 +31,19 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-__all__ = ["main", "build_parser", "resolve_prune_config", "DEFAULTS", "UsageError"]
+__all__ = ["main", "build_parser", "resolve_prune_config", "DEFAULTS", "UsageError", "EXIT_BAD_INPUT",
+           "EXIT_MISSED_TARGET", "RUNS_DIR"]
+
+EXIT_BAD_INPUT = 2       # bad input: one line on stderr, nothing trained
+EXIT_MISSED_TARGET = 3   # the run finished, but its pruned network is outside the FLOPs target band
+EXIT_INTERRUPTED = 130   # Ctrl-C; the same command with --resume (or --out <run folder>) continues
+
+RUNS_DIR = Path("runs")  # where run folders are created (relative to the working directory)
+LATEST = "latest"        # RUNS_DIR / LATEST points to the newest run folder
+
+# Warm-up epochs when not given, for the methods with a warm-up (s2h, stp): this fraction of --epochs, rounded
+# down (2 of the default 12; none below 6 epochs), and always leaving at least one joint epoch.
+WARMUP_FRACTION = 1 / 6
 
 DEFAULTS: dict[str, Any] = {
     "method": "s2h",
@@ -34,7 +53,7 @@ DEFAULTS: dict[str, Any] = {
     "image_size": 16,
     "batch_size": 64,
     "epochs": 12,
-    "warmup_epochs": 2,
+    "warmup_epochs": None,  # None: WARMUP_FRACTION of the epochs (s2h, stp); crsfp / sfp have no warm-up
     "hard_epochs": 0,
     "target_flops": 0.35,
     "prune_rate": 0.3,
@@ -47,27 +66,38 @@ DEFAULTS: dict[str, Any] = {
     "max_steps_per_epoch": 0,
     "recalibrate_batches": 20,
     "checkpoint_every": 0,
-    "out": "runs/latest",
+    "out": None,  # None: a new folder RUNS_DIR/<method>-<model>-<dataset>-<UTC time>
     "progress": True,
     "resume": True,
+    "skip_bad_files": False,
+    "allow_missed_target": False,
     "method_options": {},
 }
 
 # Settings whose value type is not the type of their default.
-_NULLABLE_STR = {"data_root"}
+_NULLABLE_STR = {"data_root", "out"}
+_NULLABLE_INT = {"warmup_epochs"}
 _FLOAT_SETTINGS = {"target_flops", "prune_rate", "lr", "weight_decay"}
 _NON_NEGATIVE = {"warmup_epochs", "hard_epochs", "seed", "threads", "num_workers", "max_steps_per_epoch",
                  "recalibrate_batches", "checkpoint_every"}
 _POSITIVE = {"image_size", "batch_size", "epochs"}
 
 # Settings that may change between an interrupted run and its resumption (they do not change the numbers).
+# skip_bad_files may be turned on to get past an image that failed mid-run; allow_missed_target changes the exit
+# status only.
 RESUME_IGNORE = frozenset({"out", "progress", "resume", "threads", "device", "data_root", "num_workers",
-                           "checkpoint_every", "config_file", "world_size"})
+                           "checkpoint_every", "config_file", "world_size", "skip_bad_files",
+                           "allow_missed_target"})
 
 # Method options given by their own flags (the training schedule), not by --set.
 _SCHEDULE_OPTIONS = {"target_flops", "warmup_epochs", "joint_epochs", "hard_epochs"}
 
 METHODS = ("s2h", "crsfp", "sfp", "stp")
+_TARGET_METHODS = ("s2h", "stp")  # prune to --target-flops, with warm-up / joint / hard-only epochs
+_RATE_METHODS = ("crsfp", "sfp")  # prune --prune-rate of every group, no phases
+
+# What s2hk prune writes into a run folder besides the trainer's files (moved aside with them by --no-resume).
+_RUN_OUTPUTS = ("summary.json", "architecture.json", "pruned")
 
 
 class UsageError(Exception):
@@ -129,6 +159,8 @@ def _check_setting(key: str, value: Any, where: str) -> Any:
     default = DEFAULTS[key]
     if key in _NULLABLE_STR:
         ok = value is None or isinstance(value, str)
+    elif key in _NULLABLE_INT:
+        ok = value is None or (isinstance(value, int) and not isinstance(value, bool))
     elif key in _FLOAT_SETTINGS:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         value = float(value) if ok else value
@@ -141,21 +173,28 @@ def _check_setting(key: str, value: Any, where: str) -> Any:
     else:
         ok = isinstance(value, str)
     if not ok:
-        expected = "a string or null" if key in _NULLABLE_STR else type(default).__name__
+        expected = ("a string or null" if key in _NULLABLE_STR else "int or null" if key in _NULLABLE_INT
+                    else type(default).__name__)
         raise UsageError(f"{where}: setting {key!r} must be {expected}, got {value!r}")
     if key in _POSITIVE and value < 1:
         raise UsageError(f"{where}: setting {key!r} must be >= 1, got {value}")
-    if key in _NON_NEGATIVE and value < 0:
+    if key in _NON_NEGATIVE and value is not None and value < 0:
         raise UsageError(f"{where}: setting {key!r} must be >= 0, got {value}")
     return value
 
 
-def _check_method_options(cfg: dict) -> None:
-    """Refuse method options the method does not have, or that belong to a schedule flag."""
+def _flag(key: str) -> str:
+    """The command-line flag of setting ``key``."""
+    return "--" + key.replace("_", "-")
+
+
+def _check_method_settings(cfg: dict) -> None:
+    """Build the method's settings as its pruner will (so that every bad value is refused before any work);
+    refuse options the method does not have or that belong to a flag."""
     from .config import S2HConfig
 
     options = cfg["method_options"]
-    if cfg["method"] in ("crsfp", "sfp"):
+    if cfg["method"] in _RATE_METHODS:
         from .crsfp import check_options
 
         if not 0.0 <= cfg["prune_rate"] < 1.0:
@@ -165,51 +204,175 @@ def _check_method_options(cfg: dict) -> None:
         except ValueError as err:
             raise UsageError(f"method options: {_one_line(err)}") from err
         return
+    schedule = {"target_flops": cfg["target_flops"], "warmup_epochs": cfg["warmup_epochs"],
+                "hard_epochs": cfg["hard_epochs"]}
     if cfg["method"] == "stp":
-        from .stp import check_options as check_stp_options
+        from .stp import STPConfig, check_options as check_stp_options
 
         try:
             check_stp_options(options)
+            STPConfig(**options, **schedule, total_epochs=cfg["epochs"])
         except (ValueError, TypeError) as err:
             raise UsageError(f"method options: {_one_line(err)}") from err
         return
     scheduled = sorted(set(options) & _SCHEDULE_OPTIONS)
     if scheduled:
-        flags = ", ".join("--" + k.replace("_", "-") for k in scheduled if k != "joint_epochs")
+        flags = ", ".join(_flag(k) for k in scheduled if k != "joint_epochs")
         raise UsageError(f"method option(s) {scheduled} are set by their own flags ({flags or '--epochs'}), "
                          "not by --set")
-    values = {**options, "target_flops": cfg["target_flops"]}
+    joint = cfg["epochs"] - cfg["warmup_epochs"] - cfg["hard_epochs"]
     try:
-        S2HConfig.from_dict(values)
+        S2HConfig.from_dict({**options, **schedule, "joint_epochs": joint})
     except (ValueError, TypeError) as err:
         raise UsageError(f"method options: {_one_line(err)}") from err
 
 
+def _refuse_unused(cfg: dict, explicit: set[str]) -> None:
+    """Refuse settings given explicitly (by flag or config file) that the chosen method or dataset would ignore,
+    and clear the unused ones in ``cfg`` so that config.json shows only what the run uses."""
+    from .data import DATASETS, canonical_name
+
+    method = cfg["method"]
+    if method in _RATE_METHODS:
+        if "target_flops" in explicit:
+            raise UsageError(f"--target-flops: method {method} takes no FLOPs target; it masks a fixed fraction "
+                             "of every group's channels (--prune-rate)")
+        for key, phase in (("warmup_epochs", "warm-up"), ("hard_epochs", "hard-only")):
+            if key in explicit and cfg[key]:
+                raise UsageError(f"{_flag(key)} {cfg[key]}: method {method} has no {phase} epochs (it trains "
+                                 "its R-NN and P-NN together in every epoch)")
+        cfg.update(target_flops=None, warmup_epochs=0, hard_epochs=0)
+    else:
+        if "prune_rate" in explicit:
+            raise UsageError(f"--prune-rate: method {method} prunes to a FLOPs target (--target-flops); "
+                             f"--prune-rate is for {' / '.join(_RATE_METHODS)}")
+        cfg["prune_rate"] = None
+    try:
+        spec = DATASETS[canonical_name(cfg["dataset"])]
+    except ValueError as err:
+        raise UsageError(_one_line(err)) from err
+    if "data_root" in explicit and cfg["data_root"] is not None and not spec.needs_root:
+        raise UsageError(f"--data-root: dataset {spec.name} reads no folder ({spec.description})")
+    if "skip_bad_files" in explicit and cfg["skip_bad_files"] and not spec.image_files:
+        raise UsageError(f"--skip-bad-files: dataset {spec.name} has no image files to skip ({spec.description})")
+
+
+def _resolve_schedule(cfg: dict) -> None:
+    """Warm-up epochs when not given (:data:`WARMUP_FRACTION` of the epochs); the target methods need at least
+    one joint epoch, the only epochs in which they prune."""
+    if cfg["method"] not in _TARGET_METHODS:
+        return
+    epochs, hard = cfg["epochs"], cfg["hard_epochs"]
+    if cfg["warmup_epochs"] is None:
+        cfg["warmup_epochs"] = max(min(int(epochs * WARMUP_FRACTION), epochs - hard - 1), 0)
+    warmup = cfg["warmup_epochs"]
+    if warmup + hard >= epochs:
+        raise UsageError(f"warmup_epochs ({warmup}) + hard_epochs ({hard}) leave no joint epoch of the {epochs} "
+                         f"epochs: {cfg['method']} prunes only in joint epochs, so nothing would be pruned; lower "
+                         "them or raise --epochs")
+
+
 def resolve_prune_config(args: argparse.Namespace) -> dict:
-    """The run's settings: defaults < config file < flags (``--set`` adds to the file's method options)."""
+    """The run's settings: defaults < config file < flags (``--set`` adds to the file's method options), each
+    checked for the chosen method and dataset before any work."""
     cfg = dict(DEFAULTS)
     cfg["method_options"] = {}
+    explicit: set[str] = set()
     if args.config:
         for key, value in _read_config_file(args.config).items():
             cfg[key] = _check_setting(key, value, f"config file {args.config}")
+            explicit.add(key)
     for key in DEFAULTS:
         value = getattr(args, key, None)
         if value is not None and key != "method_options":
-            cfg[key] = _check_setting(key, value, "--" + key.replace("_", "-"))
+            cfg[key] = _check_setting(key, value, _flag(key))
+            explicit.add(key)
     cfg["method_options"] = {**cfg["method_options"], **_parse_set(args.set or [])}
     cfg["config_file"] = str(args.config) if args.config else None
-    _check_schedule(cfg)
     if cfg["method"] not in METHODS:
         raise UsageError(f"method {cfg['method']!r} is not available; available: {', '.join(METHODS)}")
-    _check_method_options(cfg)
+    _refuse_unused(cfg, explicit)
+    _resolve_schedule(cfg)
+    _check_method_settings(cfg)
+    _model_factory(cfg["model"])
+    _resolve_out(cfg, explicit)
     return cfg
 
 
-def _check_schedule(cfg: dict) -> None:
-    """Warm-up and hard epochs must fit in the run."""
-    if cfg["warmup_epochs"] + cfg["hard_epochs"] > cfg["epochs"]:
-        raise UsageError(f"warmup_epochs ({cfg['warmup_epochs']}) + hard_epochs ({cfg['hard_epochs']}) exceed "
-                         f"epochs ({cfg['epochs']})")
+def _resolve_out(cfg: dict, explicit: set[str]) -> None:
+    """``cfg["out"]``: the given folder (``runs/latest`` followed to the run it names), ``runs/latest``'s run
+    for ``--resume`` without ``--out``, else None (a new folder, named when the run starts)."""
+    if cfg["out"] is not None:
+        cfg["out"] = str(_follow_latest(Path(cfg["out"])))
+    elif "resume" in explicit and cfg["resume"]:
+        latest = RUNS_DIR / LATEST
+        target = _follow_latest(latest)
+        if not target.is_dir():
+            raise UsageError(f"--resume: no run to resume ({latest} does not exist); leave out --resume to start "
+                             "a new run, or name the run folder with --out")
+        cfg["out"] = str(target)
+
+
+# ================================================================================================ run folders
+
+def _follow_latest(path: Path) -> Path:
+    """The run folder ``path`` points to when it is a ``runs/latest`` pointer (a symbolic link, or a one-line
+    text file naming a folder beside it); else ``path`` itself."""
+    if path.is_symlink():
+        target = Path(os.readlink(path))
+        return target if target.is_absolute() else path.parent / target
+    if path.is_file() and path.stat().st_size < 4096:
+        name = path.read_text(errors="replace").strip()
+        if name and "\n" not in name and (path.parent / name).is_dir():
+            return path.parent / name
+    return path
+
+
+def _slug(text: str) -> str:
+    """``text`` usable as part of a folder name (a model given as package.module:function)."""
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in text)
+
+
+def _new_run_folder(cfg: dict) -> Path:
+    """Create ``RUNS_DIR/<method>-<model>-<dataset>-<UTC YYYYmmdd-HHMMSS>`` (``-2``, ``-3``, ... when a run of
+    the same second holds the name) and point ``RUNS_DIR/latest`` to it."""
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    base = f"{cfg['method']}-{_slug(cfg['model'])}-{_slug(cfg['dataset'])}-{stamp}"
+    RUNS_DIR.mkdir(parents=True, exist_ok=True)
+    for n in range(1, 1000):
+        folder = RUNS_DIR / (base if n == 1 else f"{base}-{n}")
+        try:
+            folder.mkdir()
+        except FileExistsError:
+            continue
+        _point_latest(folder)
+        return folder
+    raise UsageError(f"{RUNS_DIR}: no free run folder name for {base}")
+
+
+def _point_latest(folder: Path) -> None:
+    """Make ``folder.parent/latest`` point to ``folder``, replacing the previous pointer atomically: a relative
+    symbolic link, or where links cannot be made a text file holding the folder's name. A real folder named
+    ``latest`` (a run of an earlier s2hk) is left as it is, with a note."""
+    from .atomic import atomic_write
+
+    link = folder.parent / LATEST
+    if link.is_dir() and not link.is_symlink():
+        print(f"s2hk: note: {link} is a run folder of an earlier s2hk version; it is kept, so it does not point "
+              f"to {folder} (rename it to let {link} follow the newest run)", file=sys.stderr)
+        return
+    tmp = folder.parent / f".{LATEST}-{os.getpid()}.tmp"
+    tmp.unlink(missing_ok=True)  # a pointer left half-made by a killed run of the same process id
+    try:
+        os.symlink(folder.name, tmp, target_is_directory=True)
+    except (OSError, NotImplementedError):  # no symbolic links here (some Windows setups, some network shares)
+        atomic_write(link, lambda f: f.write((folder.name + "\n").encode()))
+        return
+    try:
+        os.replace(tmp, link)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        print(f"s2hk: note: {link} could not be pointed to {folder} ({err})", file=sys.stderr)
 
 
 # ================================================================================================ models
@@ -300,13 +463,15 @@ def _resolve_device(name: str) -> Any:
 
 
 def _make_loaders(cfg: dict, device: Any, val_batch_size: Optional[int] = None) -> tuple[Any, Any]:
-    """The run's deterministic (train, val) loaders (two augmented views per image for crsfp); bad dataset
-    names and sizes become UsageErrors."""
+    """The run's deterministic (train, val) loaders (two augmented views per image for crsfp; unreadable image
+    files left out with ``skip_bad_files``); bad dataset names and sizes become UsageErrors."""
     from .data import DatasetError, make_loaders
 
     extra: dict[str, Any] = {"device": device} if device.type == "cuda" else {}
     if cfg.get("method") == "crsfp":
         extra["two_views"] = True
+    if cfg.get("skip_bad_files"):
+        extra["skip_bad_files"] = True
     if val_batch_size is not None:
         extra["val_batch_size"] = val_batch_size
     try:
@@ -331,7 +496,9 @@ def _start_distributed(cfg: dict) -> bool:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    """Train with the method to the FLOPs target; export the pruned model and print a summary."""
+    """Train with the method to the FLOPs target; export the pruned model, plot the run and print a summary.
+    Returns 0, or :data:`EXIT_MISSED_TARGET` when the pruned network is outside the target band (on every
+    rank, unless ``--allow-missed-target``)."""
     from .distributed import shutdown
 
     cfg = resolve_prune_config(args)
@@ -344,78 +511,151 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
 def _run_prune(cfg: dict) -> int:
-    """Build data, pruner and trainer from ``cfg``, train, and (rank 0) write the outputs."""
+    """Build data, pruner and trainer from ``cfg``, train, and (rank 0) write the outputs; the exit status."""
     import torch
 
     from .distributed import barrier, is_rank0, world_size
+    from .report import PLOT_FILES
     from .trainer import TrainConfig, Trainer
 
+    started = time.perf_counter()
     if cfg["threads"]:
         torch.set_num_threads(cfg["threads"])
     cfg["world_size"] = world_size()
     device = _resolve_device(cfg["device"])
     torch.manual_seed(cfg["seed"])
-    started = time.perf_counter()
     train, val = _make_loaders(cfg, device)
     pruner = _build_pruner(cfg, train.num_classes, train.info.channels, train.image_size, device)
-    out = Path(cfg["out"])
+    out = _claim_run_folder(cfg)
     train_config = TrainConfig(lr=cfg["lr"], weight_decay=cfg["weight_decay"], progress=cfg["progress"],
                                max_steps_per_epoch=cfg["max_steps_per_epoch"],
                                recalibrate_batches=cfg["recalibrate_batches"],
                                checkpoint_every=cfg["checkpoint_every"])
     trainer = Trainer(pruner, train, val, epochs=cfg["epochs"], config=train_config, out_dir=out,
-                      run_config=cfg, resume_ignore=RESUME_IGNORE)
+                      run_config=cfg, resume_ignore=RESUME_IGNORE, other_outputs=_RUN_OUTPUTS + PLOT_FILES,
+                      started=started)
     result = trainer.fit(resume=cfg["resume"])
+    skipped = _skipped_files(train, val)
+    status = 0
     if is_rank0():
-        summary = _write_outputs(cfg, pruner, train, result, out, time.perf_counter() - started)
+        summary = _write_outputs(cfg, pruner, train, result, out, trainer, skipped)
         print(_format_summary(summary))
+        if summary["target_met"] is False and not cfg["allow_missed_target"]:
+            status = EXIT_MISSED_TARGET
+    status = _from_rank0(status)
     barrier()
-    return 0
+    return status
 
 
-def _write_outputs(cfg: dict, pruner: Any, train: Any, result: dict, out: Path, seconds: float) -> dict:
-    """Export the pruned model to ``out/pruned`` and write ``out/architecture.json`` and ``out/summary.json``."""
+def _claim_run_folder(cfg: dict) -> Path:
+    """The run folder: ``cfg["out"]``, or a new one created by rank 0 (:func:`_new_run_folder`) whose name every
+    rank gets; ``cfg["out"]`` is set to it."""
+    if cfg["out"] is None:
+        from .distributed import is_rank0
+
+        cfg["out"] = _from_rank0(str(_new_run_folder(cfg)) if is_rank0() else None)
+    return Path(cfg["out"])
+
+
+def _from_rank0(value: Any) -> Any:
+    """Rank 0's ``value`` on every rank (``value`` itself in one process)."""
+    from .distributed import is_distributed
+
+    if not is_distributed():
+        return value
+    import torch.distributed as dist
+
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _skipped_files(train: Any, val: Any) -> list[str]:
+    """The unreadable image files the loaders left out (``--skip-bad-files``), over all ranks, sorted."""
+    from .distributed import is_distributed
+
+    files = set(train.skipped_files) | set(val.skipped_files)
+    if is_distributed():
+        import torch.distributed as dist
+
+        gathered: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, sorted(files))
+        files = set().union(*gathered)
+    return sorted(files)
+
+
+def _write_outputs(cfg: dict, pruner: Any, train: Any, result: dict, out: Path, trainer: Any,
+                   skipped: list[str]) -> dict:
+    """Export the pruned model to ``out/pruned``, write ``out/architecture.json``, the PNG plots and
+    ``out/summary.json``; returns the summary."""
     import torch
 
     from .export import save_pruned
     from .flops import count_macs
+    from .report import render_report
 
     pruned_dir = out / "pruned"
     save_pruned(pruner, pruned_dir, model_name=cfg["model"],
                 model_kwargs=_model_kwargs(cfg["model"], train.num_classes, train.image_size))
     shutil.copyfile(pruned_dir / "architecture.json", out / "architecture.json")
+    plots = [str(p) for p in render_report(out)]
     example = torch.zeros(1, train.info.channels, train.image_size, train.image_size, device=pruner.mask_logits.device)
     dense_macs = int(pruner.flops_polynomial.dense_macs)
     pruned_macs = int(count_macs(pruner.export(), example))
+    remaining = pruned_macs / dense_macs
+    target = cfg["target_flops"]
+    tolerance = getattr(pruner.config, "tolerance", None) if target is not None else None
     summary = {
         "method": cfg["method"], "model": cfg["model"], "dataset": cfg["dataset"],
         "input": f"1x{train.info.channels}x{train.image_size}x{train.image_size}",
         "dense_flops": 2 * dense_macs, "dense_macs": dense_macs,
         "pruned_flops": 2 * pruned_macs, "pruned_macs": pruned_macs,
-        "remaining_flops": pruned_macs / dense_macs,
-        "target_flops": cfg["target_flops"] if cfg["method"] in ("s2h", "stp") else None,
+        "remaining_flops": remaining, "target_flops": target, "flops_tolerance": tolerance,
+        "target_met": None if target is None else abs(remaining - target) <= tolerance + 1e-12,
+        "allow_missed_target": cfg["allow_missed_target"],
         "soft_acc": result.get("soft_acc"), "hard_acc": result.get("hard_acc"), "gap": result.get("gap"),
         "epochs": cfg["epochs"], "world_size": cfg["world_size"],
-        "wall_seconds": seconds, "out": str(out),
+        "skipped_files": len(skipped), "skipped_file_list": skipped,
+        "plots": plots, "out": str(out),
     }
+    this = trainer.invocation_seconds
+    summary["wall_seconds"] = trainer.wall_seconds_before + this  # the whole run, over its invocations
+    summary["wall_seconds_this_invocation"] = this
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary
 
 
 def _format_summary(s: dict) -> str:
-    """The short summary printed at the end of ``s2hk prune``."""
+    """The short summary printed at the end of ``s2hk prune`` (a WARNING line when the target was missed)."""
     def pct(v: Optional[float]) -> str:
         return "n/a" if v is None else f"{100 * v:.2f}%"
 
-    return "\n".join([
+    from .report import network_names
+
+    (a, _), (b, _) = network_names(s["method"])
+    target = "" if s["target_flops"] is None else \
+        f" (target {pct(s['target_flops'])} +- {pct(s['flops_tolerance'])})"
+    lines = [
         f"s2hk prune: {s['method']} on {s['model']} / {s['dataset']} (input {s['input']})",
         f"  dense  : {s['dense_flops'] / 1e6:10.2f} MFLOPs  ({s['dense_macs'] / 1e6:.2f} M MACs)",
         f"  pruned : {s['pruned_flops'] / 1e6:10.2f} MFLOPs  ({s['pruned_macs'] / 1e6:.2f} M MACs)  "
-        f"= {pct(s['remaining_flops'])} of dense (target {pct(s['target_flops'])}); FLOPs = 2 x MACs",
-        f"  accuracy: soft {pct(s['soft_acc'])}, hard {pct(s['hard_acc'])}, gap (soft - hard) {pct(s['gap'])}",
-        f"  time   : {s['wall_seconds']:.0f} s",
-        f"  output : {s['out']}  (pruned model in {Path(s['out']) / 'pruned'}; plots: s2hk report {s['out']})",
-    ])
+        f"= {pct(s['remaining_flops'])} of dense{target}; FLOPs = 2 x MACs",
+        f"  accuracy: {a} {pct(s['soft_acc'])}, {b} {pct(s['hard_acc'])}, gap ({a} - {b}) {pct(s['gap'])}",
+    ]
+    if s["target_met"] is False:
+        status = ("exit status 0 (--allow-missed-target)" if s["allow_missed_target"] else
+                  f"exit status {EXIT_MISSED_TARGET} (--allow-missed-target: 0)")
+        lines.append(f"  WARNING: target missed: the pruned network has {pct(s['remaining_flops'])} of the dense "
+                     f"FLOPs, outside {pct(s['target_flops'])} +- {pct(s['flops_tolerance'])}; train longer "
+                     f"(--epochs) or widen the band (--set tolerance=...); {status}")
+    if s["skipped_files"]:
+        lines.append(f"  skipped: {s['skipped_files']} unreadable image file(s), listed in summary.json")
+    this = s["wall_seconds_this_invocation"]
+    lines.append(f"  time   : {s['wall_seconds']:.0f} s" +
+                 (f" in all, {this:.0f} s in this invocation" if s["wall_seconds"] - this >= 0.5 else ""))
+    lines.append(f"  plots  : {', '.join(s['plots']) or 'none'}")
+    lines.append(f"  output : {s['out']}  (pruned model in {Path(s['out']) / 'pruned'})")
+    return "\n".join(lines)
 
 
 # ================================================================================================ eval / export
@@ -446,18 +686,14 @@ def _pruned_folder(run: Path) -> Path:
 
 def _load_pruned_model(folder: Path) -> Any:
     """The pruned model of ``folder``; a model given as package.module:function is rebuilt through it."""
-    from .export import load_pruned
+    from .export import load_pruned, read_architecture
 
     try:
-        arch = json.loads((folder / "architecture.json").read_text())
-    except json.JSONDecodeError as err:
-        raise UsageError(f"{folder / 'architecture.json'}: not valid JSON ({err})") from err
-    model_info = (arch.get("model") if isinstance(arch, dict) else None) or {}
-    name = model_info.get("name")
-    dense = None
-    if isinstance(name, str) and ":" in name:
-        dense = _model_factory(name)(**model_info.get("kwargs", {}))
-    try:
+        model_info = read_architecture(folder / "architecture.json")["model"]
+        name = model_info.get("name")
+        dense = None
+        if isinstance(name, str) and ":" in name:
+            dense = _build_model(name, model_info.get("kwargs", {}))
         return load_pruned(folder, model=dense)
     except (FileNotFoundError, ValueError) as err:
         raise UsageError(_one_line(err)) from err
@@ -467,7 +703,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     """Top-1 accuracy of a pruned model on its dataset's validation split."""
     import torch
 
-    run = Path(args.run)
+    run = _follow_latest(Path(args.run))
     folder = _pruned_folder(run)
     config = _run_config(run)
     model = _load_pruned_model(folder)
@@ -492,7 +728,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     """Copy the pruned model (PyTorch state + JSON architecture) to ``--out``, and write ONNX with ``--onnx``."""
-    run = Path(args.run)
+    run = _follow_latest(Path(args.run))
     folder = _pruned_folder(run)
     model = _load_pruned_model(folder)
     out = Path(args.out) if args.out else folder
@@ -534,7 +770,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     """Render the run's PNG plots and print their paths."""
     from .report import render_report
 
-    for path in render_report(args.run, args.out):
+    for path in render_report(_follow_latest(Path(args.run)), args.out):
         print(path)
     return 0
 
@@ -572,40 +808,82 @@ def _format_timings(r: dict) -> str:
 
 # ================================================================================================ parser
 
+_EXIT_CODES = (f"exit status: 0 done; {EXIT_BAD_INPUT} bad input (one line on stderr, nothing trained); "
+               f"{EXIT_MISSED_TARGET} finished, but the pruned network is outside the FLOPs target band "
+               f"(target_met: false in summary.json; --allow-missed-target gives 0); {EXIT_INTERRUPTED} "
+               "interrupted (add --resume, or --out <its run folder>, to continue)")
+
+
+def _default(key: str) -> str:
+    """`` (default: ...)`` of setting ``key`` for a flag's help."""
+    value = DEFAULTS[key]
+    if isinstance(value, bool):
+        value = "--" + ("" if value else "no-") + key.replace("_", "-")
+    return f" (default: {value})"
+
+
 def _add_prune_parser(sub: Any) -> None:
-    """``s2hk prune`` and its flags (all default to None so that a config file can set them)."""
+    """``s2hk prune`` and its flags (all default to None so that a config file can set them; the help names
+    the built-in default)."""
     p = sub.add_parser("prune", help="train with a pruning method to a FLOPs target (default: the embedded job)",
                        description="Train with a pruning method to a FLOPs target. With no arguments: "
                                    f"{DEFAULTS['model']} on the embedded digits set to "
-                                   f"{DEFAULTS['target_flops']:.0%} of its FLOPs.")
+                                   f"{DEFAULTS['target_flops']:.0%} of its FLOPs.",
+                       epilog=_EXIT_CODES)
     p.add_argument("--config", help="YAML or JSON file of settings (flags override it)")
-    p.add_argument("--method", help=f"pruning method ({', '.join(METHODS)})")
-    p.add_argument("--model", help="shipped model name (see s2hk.models.list_models()) or package.module:function")
-    p.add_argument("--dataset", help="digits | cifar10 | cifar100 | tinyimagenet | imagefolder | synthetic")
-    p.add_argument("--data-root", dest="data_root", help="dataset folder (not needed for digits / synthetic)")
-    p.add_argument("--image-size", dest="image_size", type=int)
-    p.add_argument("--batch-size", dest="batch_size", type=int, help="global batch (split over torchrun ranks)")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--warmup-epochs", dest="warmup_epochs", type=int)
-    p.add_argument("--hard-epochs", dest="hard_epochs", type=int)
-    p.add_argument("--target-flops", dest="target_flops", type=float, help="remaining FLOPs ratio, e.g. 0.35")
+    p.add_argument("--method", help=f"pruning method ({', '.join(METHODS)})" + _default("method"))
+    p.add_argument("--model", help="shipped model name (see s2hk.models.list_models()) or package.module:function"
+                   + _default("model"))
+    p.add_argument("--dataset", help="digits | cifar10 | cifar100 | tinyimagenet | imagefolder | synthetic"
+                   + _default("dataset"))
+    p.add_argument("--data-root", dest="data_root",
+                   help="dataset folder (cifar10, cifar100, tinyimagenet, imagefolder; refused for digits and "
+                        "synthetic, which read none)")
+    p.add_argument("--image-size", dest="image_size", type=int, help="side of the served images, pixels"
+                   + _default("image_size"))
+    p.add_argument("--batch-size", dest="batch_size", type=int, help="global batch (split over torchrun ranks)"
+                   + _default("batch_size"))
+    p.add_argument("--epochs", type=int, help="training epochs" + _default("epochs"))
+    p.add_argument("--warmup-epochs", dest="warmup_epochs", type=int,
+                   help="s2h / stp: dense epochs before pruning starts (default: epochs // 6, e.g. 2 of 12, "
+                        "leaving at least one joint epoch; crsfp / sfp have none)")
+    p.add_argument("--hard-epochs", dest="hard_epochs", type=int,
+                   help="s2h / stp: final epochs training the pruned network alone" + _default("hard_epochs"))
+    p.add_argument("--target-flops", dest="target_flops", type=float,
+                   help="s2h / stp: remaining FLOPs ratio, e.g. 0.35" + _default("target_flops"))
     p.add_argument("--prune-rate", dest="prune_rate", type=float,
-                   help="crsfp / sfp: fraction of every prunable group's channels masked, e.g. 0.3")
-    p.add_argument("--lr", type=float)
-    p.add_argument("--weight-decay", dest="weight_decay", type=float)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--device", help="cpu | cuda | cuda:N")
-    p.add_argument("--threads", type=int, help="torch CPU threads (0: torch's default)")
-    p.add_argument("--num-workers", dest="num_workers", type=int, help="loader processes for image-file datasets")
-    p.add_argument("--max-steps-per-epoch", dest="max_steps_per_epoch", type=int, help="cap (0: whole epochs)")
+                   help="crsfp / sfp: fraction of every prunable group's channels masked" + _default("prune_rate"))
+    p.add_argument("--lr", type=float, help="initial SGD learning rate (cosine schedule)" + _default("lr"))
+    p.add_argument("--weight-decay", dest="weight_decay", type=float, help="SGD weight decay"
+                   + _default("weight_decay"))
+    p.add_argument("--seed", type=int, help="seed of weights, data order and augmentation" + _default("seed"))
+    p.add_argument("--device", help="cpu | cuda | cuda:N" + _default("device"))
+    p.add_argument("--threads", type=int, help="torch CPU threads (0: torch's default)" + _default("threads"))
+    p.add_argument("--num-workers", dest="num_workers", type=int, help="loader processes for image-file datasets"
+                   + _default("num_workers"))
+    p.add_argument("--max-steps-per-epoch", dest="max_steps_per_epoch", type=int, help="cap (0: whole epochs)"
+                   + _default("max_steps_per_epoch"))
     p.add_argument("--recalibrate-batches", dest="recalibrate_batches", type=int,
-                   help="training batches re-estimating the pruned network's BatchNorm statistics before evaluation")
+                   help="training batches re-estimating the pruned network's BatchNorm statistics before evaluation"
+                   + _default("recalibrate_batches"))
     p.add_argument("--checkpoint-every", dest="checkpoint_every", type=int,
-                   help="also checkpoint every N steps (0: at epoch ends only)")
-    p.add_argument("--out", help="run folder")
-    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help="progress bar")
+                   help="also checkpoint every N steps (0: at epoch ends only)" + _default("checkpoint_every"))
+    p.add_argument("--out", help=f"run folder; an existing one is resumed (default: a new folder "
+                                 f"{RUNS_DIR}/<method>-<model>-<dataset>-<UTC time>, and {RUNS_DIR / LATEST} "
+                                 "points to it)")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help="progress bar"
+                   + _default("progress"))
     p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=None,
-                   help="continue from the run folder's last checkpoint (--no-resume: start over)")
+                   help=f"continue the --out folder's run from its last intact checkpoint; without --out, the run "
+                        f"{RUNS_DIR / LATEST} points to. --no-resume: start the --out folder over, its earlier "
+                        "files moved to previous-<UTC time>/ (nothing is deleted) (default: --resume when --out is "
+                        "given)")
+    p.add_argument("--skip-bad-files", dest="skip_bad_files", action="store_true", default=None,
+                   help="image-file datasets: leave out unreadable images (counted and listed in summary.json) "
+                        "instead of refusing the run (default: refuse, naming the file, before training)")
+    p.add_argument("--allow-missed-target", dest="allow_missed_target", action="store_true", default=None,
+                   help=f"exit 0 even when the pruned network ends outside the FLOPs target band (smoke runs; "
+                        f"default: exit {EXIT_MISSED_TARGET})")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="method option, e.g. --set kd=none --set mask_lr=5 (repeatable)")
     p.set_defaults(func=cmd_prune)
@@ -613,7 +891,8 @@ def _add_prune_parser(sub: Any) -> None:
 
 def _add_eval_parser(sub: Any) -> None:
     """``s2hk eval RUN``."""
-    p = sub.add_parser("eval", help="evaluate a pruned model on its dataset's validation split")
+    p = sub.add_parser("eval", help="evaluate a pruned model on its dataset's validation split",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("run", help="run folder (or a folder with model.pt + architecture.json)")
     p.add_argument("--dataset")
     p.add_argument("--data-root", dest="data_root")
@@ -642,7 +921,8 @@ def _add_report_parser(sub: Any) -> None:
 
 def _add_bench_parser(sub: Any) -> None:
     """``s2hk bench``."""
-    p = sub.add_parser("bench", help="time a training step: dense, s2hk, and the performance model's floor")
+    p = sub.add_parser("bench", help="time a training step: dense, s2hk, and the performance model's floor",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="resnet56")
     p.add_argument("--batch-size", dest="batch_size", type=int, default=64)
     p.add_argument("--image-size", dest="image_size", type=int, default=32)
@@ -656,7 +936,7 @@ def _add_bench_parser(sub: Any) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``s2hk`` argument parser."""
-    parser = argparse.ArgumentParser(prog="s2hk", description="Prune networks while they train.")
+    parser = argparse.ArgumentParser(prog="s2hk", description="Prune networks while they train.", epilog=_EXIT_CODES)
     sub = parser.add_subparsers(dest="command")
     for add in (_add_prune_parser, _add_eval_parser, _add_export_parser, _add_report_parser, _add_bench_parser):
         add(sub)
@@ -687,7 +967,8 @@ def _report_error(message: str) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Run the ``s2hk`` command line; returns the exit code (2 for bad input, 130 when interrupted)."""
+    """Run the ``s2hk`` command line; returns the exit code (:data:`EXIT_BAD_INPUT` for bad input,
+    :data:`EXIT_MISSED_TARGET` for a pruned network outside its target band, 130 when interrupted)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
@@ -696,14 +977,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
-        hint = "; run the same command again to resume from the last checkpoint" if args.command == "prune" else ""
+        hint = ""
+        if args.command == "prune":
+            hint = ("; run the same command again to resume from the last checkpoint" if args.out else
+                    f"; resume with the same command and --resume (the run {RUNS_DIR / LATEST} points to)")
         _report_error("interrupted" + hint)
-        return 130
+        return EXIT_INTERRUPTED
     except Exception as err:
         if not isinstance(err, _user_error_types()):
             raise
         _report_error(_one_line(err))
-        return 2
+        return EXIT_BAD_INPUT
 
 
 if __name__ == "__main__":
