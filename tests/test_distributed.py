@@ -157,7 +157,8 @@ def test_cli_prune_under_torchrun(tmp_path):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}",
                "-m", "s2hk.cli", "prune", "--model", "ddp_models:tiny", "--dataset", "synthetic",
                "--image-size", "8", "--batch-size", "16", "--epochs", "2", "--warmup-epochs", "1",
-               "--max-steps-per-epoch", "3", "--recalibrate-batches", "1", "--no-progress", "--out", str(out)]
+               "--max-steps-per-epoch", "3", "--recalibrate-batches", "1", "--no-progress", "--out", str(out),
+               "--allow-missed-target"]  # three steps cannot reach the target: the run is about DDP's plumbing
     proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("s2hk prune:") == 1  # the summary, from rank 0 only

@@ -405,7 +405,8 @@ def test_cli_prunes_a_shipped_transformer(tmp_path, method):
     out = tmp_path / "run"
     argv = ["prune", "--model", "vit_tiny_cifar", "--method", method, "--image-size", "8", "--batch-size", "16",
             "--epochs", "1", "--warmup-epochs", "0", "--max-steps-per-epoch", "2", "--recalibrate-batches", "1",
-            "--no-progress", "--threads", "1", "--out", str(out), "--set", "prune_embedding=true"]
+            "--no-progress", "--threads", "1", "--out", str(out), "--set", "prune_embedding=true",
+            "--allow-missed-target"]  # two steps cannot reach the target: the run is about the CLI's plumbing
     if method == "stp":
         argv += ["--set", "population=2", "--set", "generations=0"]
     assert main(argv) == 0
