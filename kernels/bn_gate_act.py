@@ -145,7 +145,12 @@ def _upstream_grad(g, xv, residual, offs, ok, scale, shift, ACT: tl.constexpr, H
 # ----------------------------------------------------------------------------------------------------------
 # Forward
 # ----------------------------------------------------------------------------------------------------------
-@triton.jit
+#: Integer arguments of the streaming kernels that are not specialised on (divisibility by 16, == 1): their
+#: alignment buys nothing (C's gives the 16-byte loads), and each specialisation is one more compile per shape.
+_UNSPECIALISED = ["HW", "rows_total", "rows_per_chunk"]
+
+
+@triton.jit(do_not_specialize=_UNSPECIALISED)
 def _stats_kernel(x, partials, C, HW, rows_total, rows_per_chunk,
                   ROW_MAJOR: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     """partials[0, chunk, c] = sum (x - k_c), partials[1, chunk, c] = sum (x - k_c)^2 over the chunk."""
@@ -209,7 +214,7 @@ def _running_stats_kernel(running_mean, running_var, stats, C, rows_total, momen
              mask=c_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_UNSPECIALISED)
 def _forward_apply_kernel(x, residual, y, stats, C, HW, rows_total, rows_per_chunk,
                           ACT: tl.constexpr, HAS_RES: tl.constexpr, ROW_MAJOR: tl.constexpr,
                           BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -230,7 +235,7 @@ def _forward_apply_kernel(x, residual, y, stats, C, HW, rows_total, rows_per_chu
 # ----------------------------------------------------------------------------------------------------------
 # Backward
 # ----------------------------------------------------------------------------------------------------------
-@triton.jit
+@triton.jit(do_not_specialize=_UNSPECIALISED)
 def _backward_reduce_kernel(dy, x, residual, du_out, stats, partials, C, HW, rows_total, rows_per_chunk,
                             ACT: tl.constexpr, HAS_RES: tl.constexpr, STORE_DU: tl.constexpr,
                             ROW_MAJOR: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -286,7 +291,7 @@ def _backward_coefficients_kernel(partials, n_chunks, weight, bias, gate, stats,
         tl.store(dx_coefficients + C + cols, -a * mean - scale * (s1 / rows_total), mask=c_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_UNSPECIALISED)
 def _backward_apply_kernel(dy, x, du_in, dx, stats, dx_coefficients, C, HW, rows_total, rows_per_chunk,
                            ACT: tl.constexpr, TRAINING: tl.constexpr, DU_STORED: tl.constexpr,
                            ROW_MAJOR: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -601,7 +606,7 @@ def bn_gate_act_reference(x: Tensor, weight: Optional[Tensor], bias: Optional[Te
 def aot_variants() -> List[AotVariant]:
     """Every kernel as the GPU launcher specialises it, with gate, residual and hardswish (the most code):
     the four streaming kernels in bf16, fp16 and fp32, row-major (channels_last; C a multiple of 16, so
-    16-byte loads) and NCHW (HW a multiple of 16); the per-channel kernels once (per x dtype where they
+    16-byte loads) and NCHW; the per-channel kernels once (per x dtype where they
     read x)."""
     out: List[AotVariant] = []
     ints = {k: "i32" for k in ("C", "HW", "rows_total", "rows_per_chunk", "n_chunks")}
@@ -610,7 +615,7 @@ def aot_variants() -> List[AotVariant]:
         for row_major in (True, False):
             block_r, block_c, _, _ = _grid(2 ** 20, 256, row_major, torch.device("cpu"))
             tiles = dict(ROW_MAJOR=row_major, BLOCK_R=block_r, BLOCK_C=block_c)
-            aligned = ("C",) if row_major else ("HW",)
+            aligned = ("C",) if row_major else ()  # NCHW: contiguity is lost to the per-position division anyway
             tag = f"{dt}_{'rows' if row_major else 'nchw'}"
 
             def variant(name, kernel, types, constexprs):
