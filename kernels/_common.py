@@ -8,6 +8,7 @@ imported -- before any kernel in this package is defined.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
@@ -86,8 +87,10 @@ def configs(gpu: Sequence[triton.Config], interpreter: triton.Config) -> List[tr
     return [interpreter] if INTERPRETED else list(gpu)
 
 
+@functools.lru_cache(maxsize=None)
 def sm_count(device: torch.device) -> int:
-    """Streaming multiprocessors of a CUDA device (a small constant under the interpreter)."""
+    """Streaming multiprocessors of a CUDA device (a small constant under the interpreter); cached, as every
+    launch asks."""
     if device.type != "cuda":
         return 2
     return torch.cuda.get_device_properties(device).multi_processor_count
