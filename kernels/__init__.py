@@ -8,6 +8,9 @@ entry point the engine dispatches to, and a pure-PyTorch reference with the same
     bn_gate_act.bn_gate_act(x, weight, bias, running_mean, running_var, gate, residual, activation,
                             momentum, eps, training)
 
+bn_gate_act runs through torch.library custom ops (``torch.ops.s2hk.bn_gate_act_forward``, ``_backward`` and
+``bn_update_running_stats``, with fake kernels), so it also runs under ``torch.compile``.
+
 Importing this package imports neither triton nor an op module: ``import s2hk.kernels.dual_linear`` (or
 attribute access, ``s2hk.kernels.dual_linear``) does. Triton fixes at that moment whether kernels are
 compiled for the GPU or run by its CPU interpreter, so set ``TRITON_INTERPRET=1`` before then to run them
