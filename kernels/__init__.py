@@ -1,7 +1,8 @@
 """Fused Triton kernels for the two-path network (one file per op; reference beside each).
 
-Each op module holds its Triton kernels, the launcher, the ``torch.autograd.Function``, the differentiable
-entry point the engine dispatches to, and a pure-PyTorch reference with the same signature:
+Each op module holds its Triton kernels, the launcher, its autograd (a ``torch.autograd.Function``, or a
+custom op's registered formula), the differentiable entry point the engine dispatches to, and a pure-PyTorch
+reference with the same signature:
 
     dual_linear.dual_linear(x_soft, x_hard, weight, bias, gate, kept_in, kept_out, weight_grad=True)
     dual_conv.dual_conv(x, weight, bias, gate, kept_out, stride, padding, dilation, weight_grad=True)
