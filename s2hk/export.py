@@ -112,7 +112,11 @@ def export_hard_network(net: "TwoPathNetwork") -> fx.GraphModule:
     for node in source.graph.nodes:
         if node.op == "get_attr":
             value = _fetch(source, str(node.target))
-            root[str(node.target)] = value.detach().clone() if isinstance(value, Tensor) else value
+            if isinstance(value, nn.Parameter):  # stays trainable in the export (a LayerScale, a class token)
+                value = nn.Parameter(value.detach().clone(), requires_grad=value.requires_grad)
+            elif isinstance(value, Tensor):
+                value = value.detach().clone()
+            root[str(node.target)] = value
         if node.op != "call_module":
             continue
         target = str(node.target)
@@ -290,6 +294,7 @@ def architecture(net: "TwoPathNetwork", model_name: Optional[str] = None, model_
     return {
         "format": ARCHITECTURE_FORMAT, "version": ARCHITECTURE_VERSION,
         "model": {"name": model_name, "kwargs": model_kwargs or {}},
+        "ignore": list(net.analysis.ignore),  # the trace keeps ignored modules whole: load_pruned must too
         "example_input_shapes": [list(t.shape) for t in inputs],
         "example_input_dtypes": [str(t.dtype).removeprefix("torch.") for t in inputs],
         "flops": {"dense": net.flops("full"), "pruned": net.flops("hard"),
@@ -559,7 +564,10 @@ def load_pruned(folder: str | Path, model: Optional[nn.Module] = None) -> fx.Gra
             model = get_model(name, **arch["model"].get("kwargs", {}))
         except (TypeError, ValueError) as err:
             raise schema.fail("model", f"cannot build {name!r} ({err})") from err
-    gm = trace(model)
+    ignore = arch.get("ignore", [])
+    if not isinstance(ignore, list) or not all(isinstance(name, str) for name in ignore):
+        raise schema.fail("ignore", f"must be a list of module names, got {ignore!r}")
+    gm = trace(model, ignore)
     modules = dict(gm.named_modules())
     _check_layers(arch, modules, schema)
     root: dict[str, Any] = {}

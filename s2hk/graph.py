@@ -311,6 +311,7 @@ def trace(model: nn.Module, leaves: Iterable[str] = ()) -> fx.GraphModule:
     """
     tracer = _Tracer(tuple(leaves))
     was_training = {m: m.training for m in model.modules()}
+    attributes = set(vars(model))
     model.eval()
     try:
         graph = tracer.trace(model)
@@ -326,8 +327,13 @@ def trace(model: nn.Module, leaves: Iterable[str] = ()) -> fx.GraphModule:
     finally:
         for m, flag in was_training.items():
             m.training = flag
-    name = model.__class__.__name__ if isinstance(model, nn.Module) else model.__name__
-    return fx.GraphModule(tracer.root, graph, name)
+    gm = fx.GraphModule(tracer.root, graph, model.__class__.__name__)
+    # fx stows tensor constants of forward() as _tensor_constant<i> attributes of the model itself; the graph
+    # module has its copies, and leaving them would renumber the next trace's constants (_tensor_constant1 ...)
+    for name in set(vars(model)) - attributes:
+        if name.startswith("_tensor_constant"):
+            delattr(model, name)
+    return gm
 
 
 @dataclass
@@ -342,6 +348,7 @@ class GraphAnalysis:
     reshapes: dict[str, ReshapeSpec] = field(default_factory=dict)          # by node name
     constant_slices: list[ConstantSlice] = field(default_factory=list)
     matmuls: dict[str, MatmulSpec] = field(default_factory=dict)            # by node name
+    ignore: tuple = ()                    # the user's ignore list: ignored modules are leaves of the trace
 
     def prunable_groups(self) -> list[ChannelGroup]:
         return [g for g in self.groups if g.prunable]
@@ -1226,7 +1233,8 @@ class _Analyzer:
                     for name, r in self.reshapes.items()}
         slices = [ConstantSlice(c.node, c.arg_path, c.dim, remap(c.layout), c.gate) for c in self.constant_slices]
         matmuls = {name: MatmulSpec(name, remap(m.layout), m.macs_per_position) for name, m in self.matmuls.items()}
-        return GraphAnalysis(self.gm, groups, self.layers, self.shapes, self.opaque, reshapes, slices, matmuls)
+        return GraphAnalysis(self.gm, groups, self.layers, self.shapes, self.opaque, reshapes, slices, matmuls,
+                             tuple(self.ignore))
 
 
 class _Unsupported(Exception):

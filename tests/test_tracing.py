@@ -306,3 +306,62 @@ def test_multihead_attention_runs_dense_and_the_mlps_prune(batch_first):
     with torch.no_grad():
         torch.testing.assert_close(net(x, path="dense"), model.eval()(x))
         torch.testing.assert_close(net.export().eval()(x), net(x, path="hard"), rtol=1e-5, atol=1e-6)
+
+
+# --- the export and save / load of models the tracer treats specially -----------------------------------
+
+
+def test_export_keeps_parameters_the_forward_reads_as_parameters():
+    torch.manual_seed(0)
+    net = TwoPathNetwork(ConvNeXtLike(), torch.randn(1, 3, 12, 12))
+    net.set_hard_widths({"fc1": 13})
+    small = net.export()
+    names = dict(small.named_parameters())
+    assert "gamma" in names and names["gamma"].requires_grad  # a LayerScale stays trainable after export
+    assert "gamma" not in dict(small.named_buffers())
+
+
+class WithConstant(nn.Module):
+    """A tensor created in forward(): fx stores it as a constant attribute."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.c2 = nn.Conv2d(8, 6, 3, padding=1)
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x):
+        x = F.relu(self.b1(self.c1(x)))
+        x = self.c2(x) * torch.tensor(0.5)
+        return self.fc(x.mean((2, 3)))
+
+
+def test_tensor_constants_keep_their_names_over_traces(tmp_path):
+    from s2hk import load_pruned, save_pruned
+
+    torch.manual_seed(0)
+    model = WithConstant()
+    x = torch.randn(2, 3, 8, 8)
+    TwoPathNetwork(model, x[:1])  # a first trace (an attempt before a retry with ignore=...)
+    net = TwoPathNetwork(model, x[:1])
+    assert not any(name.startswith("_tensor_constant") for name in vars(model))
+    net.set_hard_widths({"c1": 5})
+    save_pruned(net, tmp_path)
+    loaded = load_pruned(tmp_path, model=WithConstant())
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), net.export().eval()(x))
+
+
+def test_save_and_load_a_model_with_an_ignored_untraceable_module(tmp_path):
+    from s2hk import load_pruned, save_pruned
+
+    torch.manual_seed(0)
+    model = HasUntraceable()
+    x = torch.randn(2, 3, 8, 8)
+    net = TwoPathNetwork(model, x[:1], ignore=["body.1"])
+    net.set_hard_widths({"c2": 7})
+    save_pruned(net, tmp_path)
+    loaded = load_pruned(tmp_path, model=HasUntraceable())
+    net.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), net(x, path="hard"), rtol=1e-5, atol=1e-6)
