@@ -1,34 +1,44 @@
 """CR-SFP and SFP on the two-path engine (ALGORITHMS.md §2).
 
-Soft filter pruning keeps, in every prunable channel group, the ``C - int(C * rate)`` most important
-channels (criterion ``l2``, ``fpgm`` or ``taylor``), re-ranked at construction and after every epoch; the
-others are *masked* until the next re-ranking, and may come back then.
+Soft filter pruning masks, in every pruning unit, the ``int(C * rate)`` least important of its ``C`` filters
+(criterion ``l2``, ``fpgm`` or ``taylor``), re-ranked at construction and after every epoch; a masked filter
+may come back at the next re-ranking. The pruned network (P-NN) is the engine's *hard* path, the reference
+network (R-NN) its *dense* path, on the same weights.
 
-How masking maps onto the engine
---------------------------------
-The pruned network (P-NN) of this module is the engine's *hard* path: the kept channels of every group are
-pinned with :meth:`~s2hk.engine.TwoPathNetwork.set_hard_widths`, and the hard path runs the physically narrow
-network (weights sliced to the kept channels). The reference network (R-NN) is the *dense* path on the same
-weights. Nothing is ever zeroed:
+Structures
+----------
+``structure="layers"`` (the default) is the authors' training. The units are the block convolutions, each
+masked on its own: every convolution except the stem, projection shortcuts, depthwise / grouped convolutions
+and convolutions producing the model output (:mod:`s2hk.crsfp_layers` finds them in any model's graph).
 
-- a masked filter takes no part in the P-NN forward, so it gets exactly zero gradient from the P-NN loss;
-- it keeps training through the R-NN loss, and is re-ranked at the next epoch end, so it can grow back.
+- The P-NN runs at full width (every channel group pinned whole) with each block convolution computing with
+  ``weight * mask``: a masked filter gets exactly zero gradient from the P-NN loss, and the P-NN is the
+  network with its masked filters zeroed. The R-NN uses the full weights, so masked filters get gradient from
+  the R-NN loss.
+- The masked filters are zeroed in place in the weights at every re-ranking (construction and
+  :meth:`CRSFPruner.on_epoch_end`), and regrow from zero through the R-NN loss until the next one. A zeroed
+  filter whose BatchNorm is followed by a ReLU regrows only where the BatchNorm's shift is positive: at a
+  shift of 0 (its initial value) the channel is exactly 0 before the ReLU, whose gradient is 0 there, so the
+  filter and the shift stay put -- as in the authors' code. With ``criterion="fpgm"`` the masked filters'
+  gradients are zeroed at every step as well (the authors' code does so, after the FPGM paper), so only
+  momentum moves them between re-rankings.
+- :meth:`CRSFPruner.export` removes the masked filters and folds the constants their channels still carry (a
+  BatchNorm of a zero output) into the convolution reading them or the residual sum receiving them: the
+  export equals the P-NN (:mod:`s2hk.crsfp_layers`), and :meth:`CRSFPruner.flops` ``("hard")`` is its exact
+  count.
 
-SFP zeroes the masked filters at every re-ranking and lets them regrow from zero. We skip the zeroing: the
-dense R-NN path keeps the masked filters trained (zeroing them would also damage the R-NN), so this equals
-SFP's "zero, then let regrow" up to the restart from zero. The P-NN is *defined* as the sliced network: its
-exported form (:meth:`CRSFPruner.export`) removes the masked channels entirely, so no BatchNorm constant of
-a removed channel reaches a residual sum and nothing needs folding -- exported == hard path by construction.
+``structure="groups"`` keeps, in every prunable engine channel group, the ``C - int(C * rate)`` best channels,
+pinned with :meth:`~s2hk.engine.TwoPathNetwork.set_hard_widths`: the hard path runs the physically narrow
+network, and nothing is zeroed (a masked channel takes no part in the P-NN, so it gets no gradient from the
+P-NN loss, and keeps training through the R-NN loss). Convolutions whose outputs meet in a residual sum form
+one group, pruned as a whole -- shortcut and stem included -- which is how the narrow network can drop those
+channels; groups the engine freezes (channels reaching the model output or coming from the input, ignored
+layers) are never pruned. The export is the narrow network itself.
 
-FLOPs: channels are pruned per engine channel group. Convolutions whose outputs meet in a residual sum form
-one group, so such a group is pruned as a whole (``int(C * rate)`` channels removed from every conv of the
-group and from the shortcut), which is how the exported network can be physically smaller; groups the engine
-freezes (channels reaching the model output or coming from the input, ignored layers) are never pruned.
-:meth:`flops` gives the P-NN's exact count.
-
-CR-SFP adds a second classifier head for the P-NN (the R-NN keeps the model's own head; everything else,
-BatchNorm affine parameters included, is shared; each path keeps its own BatchNorm running statistics, as
-everywhere in the engine) and the loss
+Both structures share everything between the two networks but the classifier: CR-SFP adds a second head for
+the P-NN (the R-NN keeps the model's own; BatchNorm affine parameters are shared) and each network keeps its
+own BatchNorm running statistics, the R-NN the model's and the P-NN the hard path's, which
+:meth:`CRSFPruner.recalibrate_bn` re-estimates before evaluation. The loss is
 
     CE(z_P, y) + CE(z_R, y) + alpha / 2 [KL(sg(p_R) || p_P) + KL(sg(p_P) || p_R)]
 
@@ -46,25 +56,31 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from .crsfp_layers import MaskedLayer, finish_export, layer_selections, plan_layers, pnn_flops
 from .distributed import all_reduce_mean_
 from .engine import TensorMove, TwoPathNetwork
-from .layers import GatedLinear, select
+from .graph import LayerSpec
+from .layers import GatedConv, GatedLinear, Selection, _conv, select
 from .s2h import S2HPruner
 
-__all__ = ["CRSFPruner", "SFPruner", "CRITERIA", "check_options", "filter_scores"]
+__all__ = ["CRSFPruner", "SFPruner", "CRITERIA", "STRUCTURES", "check_options", "filter_scores"]
 
 CRITERIA = ("l2", "fpgm", "taylor")
+STRUCTURES = ("layers", "groups")
 _OUTPUT_REASON = "reaches the model output"
 
 
 def check_options(method: str, options: dict) -> None:
     """Refuse method options that ``method`` ("crsfp" or "sfp") does not take, or bad values; ValueError."""
-    known = {"criterion", "symmetric", "ignore", "prune_embedding"} | ({"alpha"} if method == "crsfp" else set())
+    known = {"criterion", "symmetric", "ignore", "prune_embedding", "structure"} | \
+        ({"alpha"} if method == "crsfp" else set())
     unknown = sorted(set(options) - known)
     if unknown:
         raise ValueError(f"unknown option(s) {unknown} for method {method!r}; known: {sorted(known)}")
     if "criterion" in options and options["criterion"] not in CRITERIA:
         raise ValueError(f"criterion must be one of {CRITERIA}, got {options['criterion']!r}")
+    if "structure" in options and options["structure"] not in STRUCTURES:
+        raise ValueError(f"structure must be one of {STRUCTURES}, got {options['structure']!r}")
     if "alpha" in options:
         alpha = options["alpha"]
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha >= 0:
@@ -119,13 +135,36 @@ class _TwoHeadLinear(GatedLinear):
         return self._soft(x_soft), self._hard(x_hard)
 
 
+class _MaskedConv(GatedConv):
+    """A block convolution of the per-layer P-NN: on the hard path it computes with ``weight * keep`` at full
+    width (``keep``: ``(C_out,)`` buffer in the weight's dtype, 1 for a kept filter and 0 for a masked one), so a
+    masked filter's gradient from that path is exactly zero; the other paths are the model's own conv."""
+
+    def __init__(self, source: GatedConv) -> None:
+        super().__init__(source.module, source.spec, source.state)
+        weight = source.module.weight
+        self.register_buffer("keep", torch.ones(weight.shape[0], dtype=weight.dtype, device=weight.device))
+
+    def keep_mask(self) -> Tensor:
+        """``keep`` shaped to broadcast over the weight ``(C_out, 1, ...)``."""
+        return self.keep.view(-1, *[1] * (self.module.weight.dim() - 1))
+
+    def _hard(self, x: Tensor) -> Tensor:
+        conv = self.module
+        return _conv(conv, x, conv.weight * self.keep_mask(), conv.bias, conv.groups)
+
+    def dual(self, x_soft: Tensor, x_hard: Tensor) -> tuple[Tensor, Tensor]:
+        return self._soft(x_soft), self._hard(x_hard)
+
+
 class CRSFPruner(TwoPathNetwork):
     """CR-SFP: soft filter pruning with a P-NN / R-NN pair and bidirectional KD (see the module docstring).
 
     Args:
         model: the network (trained in place; :meth:`export` gives the pruned P-NN).
-        example_inputs: one batch (or a batch of one) of the model's input, for tracing and FLOPs.
-        prune_rate: fraction ``int(C * rate)`` of every prunable group's channels that is masked.
+        example_inputs: one batch (or a batch of one) of the model's input, for tracing and FLOPs; with
+            ``structure="layers"`` also the spatial size the export is made for (see :mod:`s2hk.crsfp_layers`).
+        prune_rate: ``int(C * rate)`` of every unit's ``C`` filters are masked.
         criterion: "l2" (default), "fpgm" or "taylor" (``|w * grad|`` accumulated over the epoch; the
             ranking at construction, before any gradient, falls back to l2).
         alpha: weight of the KD terms (0: no KD).
@@ -133,6 +172,8 @@ class CRSFPruner(TwoPathNetwork):
         ignore: module or node names to keep dense.
         prune_embedding: also prune channels normalised by a LayerNorm (a transformer's embedding width).
         two_heads: give the P-NN its own copy of the classifier (CR-SFP); False: both paths share the head.
+        structure: the pruning units (module docstring): "layers" (default; every block convolution on its own,
+            masked filters zeroed at every re-ranking) or "groups" (the engine's channel groups, nothing zeroed).
 
     Example::
 
@@ -147,9 +188,11 @@ class CRSFPruner(TwoPathNetwork):
 
     def __init__(self, model: nn.Module, example_inputs: Any, prune_rate: float = 0.3, criterion: str = "l2",
                  alpha: float = 1.0, symmetric: bool = False, ignore: Iterable[str] = (),
-                 two_heads: bool = True, prune_embedding: bool = False) -> None:
+                 two_heads: bool = True, prune_embedding: bool = False, structure: str = "layers") -> None:
         if criterion not in CRITERIA:
             raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
+        if structure not in STRUCTURES:
+            raise ValueError(f"structure must be one of {STRUCTURES}, got {structure!r}")
         if not 0.0 <= float(prune_rate) < 1.0:
             raise ValueError(f"prune_rate must be in [0, 1), got {prune_rate}")
         if not float(alpha) >= 0.0:
@@ -160,6 +203,7 @@ class CRSFPruner(TwoPathNetwork):
         self.alpha = float(alpha)
         self.symmetric = bool(symmetric)
         self.two_heads = bool(two_heads)
+        self.structure = structure
         self.phase = "joint"
         self.config = None
         self.head_node: Optional[str] = self._find_head()
@@ -168,18 +212,17 @@ class CRSFPruner(TwoPathNetwork):
                 raise ValueError("CR-SFP needs a Linear classifier whose output is the model output; none found "
                                  "(use SFPruner, or two_heads=False)")
             self._install_pnn_head()
-        # producers of every prunable group: (node name, slot, row offset, channels, rows per channel -- an
+        # the pruning units, (name, channels): block convolutions by module name, or prunable groups by name
+        self.masked_layers: list[MaskedLayer] = []
+        self._units: list[tuple[str, int]] = []
+        # producers of every unit's filters: (node name, unit, row offset, channels, rows per channel -- an
         # attention head spans head_dim rows)
         self._producers: list[tuple[str, int, int, int, int]] = []
-        for spec in self.analysis.layers.values():
-            if spec.kind == "norm":
-                continue
-            offset = 0
-            for seg in spec.out_layout:
-                slot = self._slot.get(seg.group)
-                if slot is not None:
-                    self._producers.append((spec.node, slot, offset, seg.size, seg.repeat))
-                offset += seg.size * seg.repeat
+        if structure == "layers":
+            self._build_layers()
+        else:
+            self._build_groups()
+        self._kept: dict[str, list[int]] = {}  # layers: each unit's kept filters (host copies)
         self._taylor: list[Tensor] = [torch.zeros(channels, dtype=torch.float64, device=self.ranks.device)
                                       for _, _, _, channels, _ in self._producers]
         self._taylor_steps = 0
@@ -192,6 +235,31 @@ class CRSFPruner(TwoPathNetwork):
         self._taylor = [move.place(t) for t in self._taylor]
 
     # ------------------------------------------------------------------ construction
+    def _build_layers(self) -> None:
+        """Units = block convolutions, each call's wrapper made a :class:`_MaskedConv`; the P-NN at full width."""
+        self.masked_layers = plan_layers(self.analysis, self.prune_rate)
+        for layer in self.masked_layers:
+            for node in layer.nodes:
+                self._replace_wrapper(node, _MaskedConv(self.wrappers[node]))
+        if self.prunable:
+            self.set_hard_widths({g.name: g.channels for g in self.prunable})
+        self._units = [(layer.target, layer.channels) for layer in self.masked_layers]
+        self._producers = [(layer.node, i, 0, layer.channels, 1) for i, layer in enumerate(self.masked_layers)]
+        self._pnn_flops = pnn_flops(self.flops_polynomial, self.masked_layers)
+
+    def _build_groups(self) -> None:
+        """Units = the prunable channel groups, produced by every layer writing their channels."""
+        self._units = [(g.name, g.channels) for g in self.prunable]
+        for spec in self.analysis.layers.values():
+            if spec.kind == "norm":
+                continue
+            offset = 0
+            for seg in spec.out_layout:
+                slot = self._slot.get(seg.group)
+                if slot is not None:
+                    self._producers.append((spec.node, slot, offset, seg.size, seg.repeat))
+                offset += seg.size * seg.repeat
+
     def _find_head(self) -> Optional[str]:
         """The last Linear call whose output channels reach the model output."""
         head = None
@@ -208,11 +276,15 @@ class CRSFPruner(TwoPathNetwork):
         old = self.graph_module.get_submodule(target)
         if not isinstance(old, GatedLinear):
             raise ValueError(f"classifier call '{self.head_node}' is not a linear layer wrapper")
-        new = _TwoHeadLinear(old)
-        parent_name, _, child = target.rpartition(".")
+        self._replace_wrapper(self.head_node, _TwoHeadLinear(old))
+
+    def _replace_wrapper(self, node_name: str, new: nn.Module) -> None:
+        """Put ``new`` in place of the wrapper that layer call ``node_name`` runs in the traced module."""
+        node = next(n for n in self.graph_module.graph.nodes if n.op == "call_module" and n.name == node_name)
+        parent_name, _, child = str(node.target).rpartition(".")
         parent = self.graph_module.get_submodule(parent_name) if parent_name else self.graph_module
         setattr(parent, child, new)
-        self.wrappers[self.head_node] = new
+        self.wrappers[node_name] = new
 
     @property
     def pnn_head(self) -> Optional[nn.Module]:
@@ -225,37 +297,58 @@ class CRSFPruner(TwoPathNetwork):
         return [self.wrappers[name].module.weight[offset:offset + channels * rows].reshape(channels, -1)
                 for name, _, offset, channels, rows in self._producers]
 
-    def group_scores(self) -> list[Tensor]:
-        """Current importance (float64) of every prunable group's channels under the criterion."""
+    def unit_scores(self) -> list[Tensor]:
+        """Current importance (float64) of every unit's filters under the criterion: ``(C,)`` per unit."""
         criterion = self.criterion
         if criterion == "taylor" and self._taylor_steps == 0:
             criterion = "l2"
         weights = self._producer_weights()
         out = []
-        for slot in range(len(self.prunable)):
+        for slot in range(len(self._units)):
             idx = [i for i, p in enumerate(self._producers) if p[1] == slot]
             out.append(filter_scores([weights[i] for i in idx], criterion, [self._taylor[i] for i in idx]))
         return out
 
     @torch.no_grad()
     def update_masks(self) -> dict[str, list[int]]:
-        """Re-rank every prunable group and pin its ``C - int(C * rate)`` best channels as the P-NN; resets
-        the Taylor accumulators. Returns the kept channels by group name."""
-        kept = {g.name: kept_channels(s, self.prune_rate) for g, s in zip(self.prunable, self.group_scores())}
-        if kept:
-            self.set_hard_widths(kept)
+        """Re-rank every unit and keep its ``C - int(C * rate)`` best filters in the P-NN; with
+        ``structure="layers"`` the others are zeroed in the weights. Resets the Taylor accumulators. Returns the
+        kept filters by unit name."""
+        kept = {name: kept_channels(s, self.prune_rate) for (name, _), s in zip(self._units, self.unit_scores())}
+        self._set_kept(kept)
+        if self.structure == "layers":
+            for layer in self.masked_layers:
+                wrapper = self.wrappers[layer.node]
+                wrapper.module.weight.masked_fill_(wrapper.keep_mask() == 0, 0.0)
         for t in self._taylor:
             t.zero_()
         self._taylor_steps = 0
-        self._flops_ratio = self.flops("hard") / self.flops("full")
         return kept
 
+    def _set_kept(self, kept: dict[str, list[int]]) -> None:
+        """Make ``kept`` (by unit name) the P-NN: the masks of every call of each block conv, or the pinned
+        channels of each group."""
+        if self.structure == "layers":
+            self._kept = {name: list(channels) for name, channels in kept.items()}
+            for layer in self.masked_layers:
+                keep = torch.zeros(layer.channels, dtype=torch.float64)
+                keep[self._kept[layer.target]] = 1.0
+                for node in layer.nodes:
+                    buffer = self.wrappers[node].keep
+                    buffer.copy_(keep.to(buffer.device, buffer.dtype))
+        elif kept:
+            self.set_hard_widths(kept)
+        self._flops_ratio = self.flops("hard") / self.flops("full")
+
     def on_epoch_end(self) -> None:
-        """SFP's per-epoch re-ranking (masked filters whose importance grew come back)."""
+        """SFP's per-epoch re-ranking (masked filters whose importance grew come back; the others are zeroed
+        again with ``structure="layers"``)."""
         self.update_masks()
 
     def kept_channels(self) -> dict[str, list[int]]:
-        """The P-NN's kept channels of every prunable group, by group name."""
+        """The P-NN's kept filters of every unit, by unit name (block conv module or channel group)."""
+        if self.structure == "layers":
+            return {name: list(channels) for name, channels in self._kept.items()}
         out = {}
         for g, sel in zip(self.prunable, self.plan.selections):
             if sel is None:
@@ -322,6 +415,8 @@ class CRSFPruner(TwoPathNetwork):
             rnn_acc = 0.5 * (rnn_acc + _accuracy(z_r2, y))
         terms["loss"].backward()
         all_reduce_mean_([p.grad for p in self.weight_parameters() if p.grad is not None])
+        if self.structure == "layers" and self.criterion == "fpgm":
+            self._freeze_masked_filters()
         if self.criterion == "taylor":
             self._accumulate_taylor()
         optimizer.step()
@@ -331,6 +426,15 @@ class CRSFPruner(TwoPathNetwork):
         metrics["hard_flops_ratio"] = self._flops_ratio
         metrics["soft_acc"], metrics["hard_acc"] = metrics["rnn_acc"], metrics["pnn_acc"]
         return metrics
+
+    @torch.no_grad()
+    def _freeze_masked_filters(self) -> None:
+        """Zero the gradient of every masked filter (FPGM's training, as the authors' code does for fpgm)."""
+        for layer in self.masked_layers:
+            wrapper = self.wrappers[layer.node]
+            grad = wrapper.module.weight.grad
+            if grad is not None:
+                grad.masked_fill_(wrapper.keep_mask() == 0, 0.0)
 
     def forward(self, *inputs: Any, path: str = "hard") -> Any:
         """Logits of the P-NN (``"hard"`` / ``"pnn"``) or the R-NN (``"dense"`` / ``"rnn"``)."""
@@ -355,10 +459,27 @@ class CRSFPruner(TwoPathNetwork):
         out.update(soft_acc=out["rnn_acc"], hard_acc=out["pnn_acc"], gap=out["rnn_acc"] - out["pnn_acc"])
         return out
 
+    def flops(self, kind: str = "hard") -> int:
+        """FLOPs (2 x MACs of every conv, linear and matmul) of the ``"full"`` network or of the P-NN
+        (``"hard"``: the exact count of :meth:`export`); ``"soft"`` as in the engine."""
+        if kind == "hard" and self.structure == "layers":
+            return self._pnn_flops
+        return super().flops(kind)
+
     # ------------------------------------------------------------------ export
+    def named_layer_selections(self) -> dict[str, tuple[Selection, Selection, LayerSpec]]:
+        """For every wrapped layer call: (input selection, output selection, spec) of the exported P-NN. With
+        ``structure="layers"``: the removable block convs' kept filters, their BatchNorms' kept channels and the
+        kept inputs of the convs reading them (:func:`s2hk.crsfp_layers.layer_selections`)."""
+        if self.structure == "groups":
+            return super().named_layer_selections()
+        narrowed = layer_selections(self.masked_layers, self._kept, self.ranks.device)
+        return {name: (*narrowed.get(name, (None, None)), spec) for name, spec in self.analysis.layers.items()}
+
     def export(self) -> Any:
-        """The P-NN as a plain, physically smaller model (kept channels only, hard-path BN statistics, the
-        P-NN head), in eval mode; its outputs equal the hard path's in eval mode."""
+        """The P-NN as a plain, physically smaller model (kept filters and channels only, hard-path BN
+        statistics, the P-NN head; with ``structure="layers"`` the removed channels' constants folded in), in
+        eval mode; its outputs equal the hard path's in eval mode."""
         exported = super().export()
         head = self.pnn_head
         if head is not None:
@@ -368,27 +489,46 @@ class CRSFPruner(TwoPathNetwork):
                 small.weight.copy_(select(select(head.weight, 0, sel_out), 1, sel_in))
                 if head.bias is not None:
                     small.bias.copy_(select(head.bias, 0, sel_out))
+        if self.structure == "layers":
+            finish_export(self, exported)
         return exported
 
     # ------------------------------------------------------------------ state
     def pruning_state(self) -> dict:
-        """Kept channels, Taylor accumulators, hard-path BN statistics and the P-NN head (the model's own
-        weights are in ``model.state_dict()``)."""
+        """Structure, units (``[name, channels]`` under the key ``"layers"`` or ``"groups"``), kept filters,
+        Taylor accumulators, hard-path BN statistics and the P-NN head (the model's own weights are in
+        ``model.state_dict()``)."""
         head = self.pnn_head
-        return {"method": "crsfp" if self.two_heads else "sfp", "kept": self.kept_channels(),
+        return {"method": "crsfp" if self.two_heads else "sfp", "structure": self.structure,
+                self.structure: [[name, channels] for name, channels in self._units], "kept": self.kept_channels(),
                 "taylor": [t.clone() for t in self._taylor], "taylor_steps": self._taylor_steps,
                 "phase": self.phase, "hard_bn": self.hard_norm_state(),
-                "pnn_head": {k: v.detach().clone() for k, v in head.state_dict().items()} if head is not None else None,
-                "groups": [[g.name, g.channels] for g in self.prunable]}
+                "pnn_head": {k: v.detach().clone() for k, v in head.state_dict().items()} if head is not None else None}
 
     def load_pruning_state(self, state: dict) -> None:
-        """Restore :meth:`pruning_state`; a state made for other channel groups or heads is refused whole."""
-        mine = [[g.name, g.channels] for g in self.prunable]
-        if [list(g) for g in state.get("groups", [])] != mine:
-            raise ValueError(f"pruning state was saved for different channel groups: expected {mine}, "
-                             f"got {state.get('groups')}")
+        """Restore :meth:`pruning_state` (the weights are not zeroed again: they come with the model's state).
+        Everything is checked before anything is written: a state made for another structure, other units,
+        another rate or heads is refused whole (ValueError)."""
+        structure = state.get("structure", "groups")  # states saved before the per-layer structure: groups
+        if structure != self.structure:
+            raise ValueError(f"pruning state was saved with structure={structure!r}, this pruner has "
+                             f"structure={self.structure!r}")
+        mine = [[name, channels] for name, channels in self._units]
+        if [list(u) for u in state.get(structure, [])] != mine:
+            units = "block convolutions" if structure == "layers" else "channel groups"
+            raise ValueError(f"pruning state was saved for different {units}: expected {mine}, got "
+                             f"{state.get(structure)}")
         if (state.get("pnn_head") is None) != (self.pnn_head is None):
             raise ValueError("pruning state and pruner differ in having a separate P-NN head")
+        kept = state["kept"]
+        for name, channels in self._units:
+            idx = kept.get(name)
+            if idx is None or len(set(idx)) != len(idx) or len(idx) != channels - int(channels * self.prune_rate) \
+                    or not all(0 <= int(i) < channels for i in idx):
+                raise ValueError(f"pruning state keeps {idx} of the {channels} filters of '{name}'; prune_rate "
+                                 f"{self.prune_rate} keeps {channels - int(channels * self.prune_rate)} distinct ones")
+        if [tuple(t.shape) for t in state["taylor"]] != [tuple(t.shape) for t in self._taylor]:
+            raise ValueError("pruning state's Taylor accumulators do not fit this pruner's units")
         writes = self.hard_norm_writes(state["hard_bn"])
         with torch.no_grad():
             for current, saved in writes:
@@ -397,10 +537,8 @@ class CRSFPruner(TwoPathNetwork):
                 self.pnn_head.load_state_dict(state["pnn_head"])
             for t, saved in zip(self._taylor, state["taylor"]):
                 t.copy_(saved)
+            self._set_kept({name: [int(i) for i in kept[name]] for name, _ in self._units})
         self._taylor_steps = int(state["taylor_steps"])
-        if state["kept"]:
-            self.set_hard_widths(state["kept"])
-        self._flops_ratio = self.flops("hard") / self.flops("full")
         self.phase = state["phase"]
 
 
@@ -409,9 +547,11 @@ class SFPruner(CRSFPruner):
     path) and the R-NN (dense path); one view serves both paths unless two are given."""
 
     def __init__(self, model: nn.Module, example_inputs: Any, prune_rate: float = 0.3, criterion: str = "l2",
-                 symmetric: bool = False, ignore: Iterable[str] = (), prune_embedding: bool = False) -> None:
+                 symmetric: bool = False, ignore: Iterable[str] = (), prune_embedding: bool = False,
+                 structure: str = "layers") -> None:
         super().__init__(model, example_inputs, prune_rate=prune_rate, criterion=criterion, alpha=0.0,
-                         symmetric=symmetric, ignore=ignore, two_heads=False, prune_embedding=prune_embedding)
+                         symmetric=symmetric, ignore=ignore, two_heads=False, prune_embedding=prune_embedding,
+                         structure=structure)
 
 
 def _accuracy(logits: Tensor, y: Tensor) -> Tensor:
