@@ -67,8 +67,8 @@ if TYPE_CHECKING:
     from .crsfp import CRSFPruner
     from .flops import FlopsPolynomial
 
-__all__ = ["ROLES", "MaskedLayer", "conv_roles", "plan_layers", "layer_selections", "pnn_flops", "pnn_edits",
-           "apply_pnn_edits", "finish_export"]
+__all__ = ["ROLES", "MaskedLayer", "conv_roles", "plan_layers", "layer_selections", "term_macs", "pnn_flops",
+           "pnn_edits", "apply_pnn_edits", "finish_export"]
 
 ROLES = ("block", "stem", "output", "depthwise", "grouped", "shortcut")
 
@@ -299,23 +299,31 @@ def layer_selections(layers: Sequence[MaskedLayer], kept: Mapping[str, Sequence[
     return {name: (sel_in.get(name), sel_out.get(name)) for name in {**sel_in, **sel_out}}
 
 
-def pnn_flops(poly: "FlopsPolynomial", layers: Sequence[MaskedLayer]) -> int:
-    """Exact FLOPs (2 x MACs) of the exported P-NN: ``poly``'s dense count with each removing conv at
-    ``C_out - masked`` filters and each conv reading its channels at that many fewer inputs. Independent of
-    which filters are masked."""
+def term_macs(poly: "FlopsPolynomial", layers: Sequence[MaskedLayer]) -> list[tuple[str, int, int]]:
+    """``(layer call, dense MACs, P-NN MACs)`` of every term of ``poly`` (each conv, linear and matmul call),
+    the P-NN's with each removing conv at ``C_out - masked`` filters and each conv reading its channels at that
+    many fewer inputs. Independent of which filters are masked."""
     fewer_out: dict[str, int] = {}
     fewer_in: dict[str, int] = {}
     for layer in layers:
         if layer.removes:
             fewer_out[layer.node] = layer.masked
             fewer_in.update({consumer: layer.masked for consumer, _ in layer.conv_consumers})
-    macs = poly.constant_macs
+    out = []
     for term in poly.terms:
-        out_width = layout_width(term.out_layout) - fewer_out.get(term.node, 0)
-        in_width = 1 if term.in_layout is None else \
+        dense_out = layout_width(term.out_layout)
+        dense_in = 1 if term.in_layout is None else layout_width(term.in_layout) // term.in_per_group_divisor
+        pnn_out = dense_out - fewer_out.get(term.node, 0)
+        pnn_in = 1 if term.in_layout is None else \
             (layout_width(term.in_layout) - fewer_in.get(term.node, 0)) // term.in_per_group_divisor
-        macs += term.macs_per_pair * out_width * in_width
-    return 2 * macs
+        out.append((term.node, term.macs_per_pair * dense_out * dense_in, term.macs_per_pair * pnn_out * pnn_in))
+    return out
+
+
+def pnn_flops(poly: "FlopsPolynomial", layers: Sequence[MaskedLayer]) -> int:
+    """Exact FLOPs (2 x MACs) of the exported P-NN: ``poly``'s layers at their P-NN widths (:func:`term_macs`)
+    plus its MACs that no width changes."""
+    return 2 * (poly.constant_macs + sum(pnn for _, _, pnn in term_macs(poly, layers)))
 
 
 @dataclass(frozen=True)
