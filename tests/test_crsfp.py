@@ -633,3 +633,24 @@ def test_masks_follow_dtype_and_meta_moves():
     with torch.no_grad():
         assert torch.equal(p(x, path="hard"), reference)
         torch.testing.assert_close(p.export()(x), reference, rtol=1e-12, atol=1e-12)
+
+
+def test_flops_script_counts_the_exported_pnn(tmp_path):
+    """bench/crsfp_flops.py at a small input: its P-NN counts are the exports' and agree with flops()."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "crsfp_flops.py"
+    spec = importlib.util.spec_from_file_location("crsfp_flops", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out = tmp_path / "flops.json"
+    assert script.main(["--size", "32", "--out", str(out)]) == 0
+    rows = {(r["model"], r["structure"]): r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {(m, s) for m in ("resnet18", "resnet50") for s in ("layers", "groups")}
+    for row in rows.values():
+        assert 0 < row["reduction"] < 1 and row["paper_reduction"] is None  # the paper's figure is for 224 px
+        if row["structure"] == "layers":  # the stem, shortcuts and classifier are kept whole
+            assert row["reduction"] < row["block_reduction"] < 1
+    assert rows[("resnet18", "layers")]["masked_convs"] == 16 and rows[("resnet50", "layers")]["masked_convs"] == 48
+    assert "| resnet18 | layers | 1x3x32x32 |" in out.with_suffix(".md").read_text()
