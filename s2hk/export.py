@@ -58,8 +58,9 @@ def _narrow_module(module: nn.Module, in_idx: list[int], out_idx: list[int], dep
     """An empty standard layer of the narrowed shape (same type and hyper-parameters)."""
     k_in, k_out = len(in_idx), len(out_idx)
     if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-        groups = k_out if depthwise else module.groups
-        return type(module)(k_out if depthwise else k_in, k_out, module.kernel_size, module.stride, module.padding,
+        # pruned by whole groups (depthwise: groups of one channel): the kept groups stay groups
+        groups = k_out // (module.out_channels // module.groups) if depthwise else module.groups
+        return type(module)(k_in, k_out, module.kernel_size, module.stride, module.padding,
                             module.dilation, groups, module.bias is not None, module.padding_mode,
                             device=module.weight.device, dtype=module.weight.dtype)
     if isinstance(module, nn.Linear):
@@ -479,8 +480,16 @@ def _check_layers(arch: dict, modules: dict[str, nn.Module], schema: _Schema) ->
         if _dense_sizes(module) != (entry["dense_in_channels"], entry["dense_out_channels"]):
             raise schema.fail(where, f"dense channels (in, out) = ({entry['dense_in_channels']}, "
                                      f"{entry['dense_out_channels']}), but the model's layer has {_dense_sizes(module)}")
-        if entry["depthwise"] and entry["kept_in_channels"] != entry["kept_out_channels"]:
-            raise schema.fail(where, "a depthwise layer keeps the same input and output channels")
+        if entry["depthwise"] and not _whole_groups(module, entry["kept_in_channels"], entry["kept_out_channels"]):
+            raise schema.fail(where, "a grouped layer keeps whole groups: as many of its input as of its output")
+
+
+def _whole_groups(module: nn.Module, kept_in: list, kept_out: list) -> bool:
+    """Whether kept input and output channels are the same number of whole groups of a grouped conv."""
+    groups = getattr(module, "groups", 1)
+    in_unit, out_unit = _dense_sizes(module)[0] // groups, _dense_sizes(module)[1] // groups
+    return len(kept_in) % in_unit == 0 and len(kept_out) % out_unit == 0 and \
+        len(kept_in) // in_unit == len(kept_out) // out_unit
 
 
 def _check_heads(arch: dict, gm: fx.GraphModule, schema: _Schema) -> None:

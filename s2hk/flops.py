@@ -148,7 +148,7 @@ class _Term:
     layer: str
     macs_per_pair: int       # MACs per (output channel, input channel per group) pair
     out_layout: Layout
-    in_layout: Layout | None  # None: one input channel per output channel (depthwise)
+    in_layout: Layout | None  # None: a fixed number of input channels per output channel (grouped by whole groups)
     in_per_group_divisor: int = 1
     node: str = ""           # fx node name of the layer call (for excluding skipped residual blocks)
 
@@ -174,8 +174,9 @@ class FlopsPolynomial:
             out_shape = analysis.node_shapes[spec.node]
             if spec.kind == "conv":
                 a = _prod(out_shape[:1]) * _prod(out_shape[2:]) * _prod(module.kernel_size)
-                if spec.depthwise:
-                    self.terms.append(_Term(spec.target, a, spec.out_layout, None, node=spec.node))
+                if spec.depthwise:  # whole groups: each kept output channel reads C_in / groups inputs
+                    self.terms.append(_Term(spec.target, a * (module.in_channels // module.groups),
+                                            spec.out_layout, None, node=spec.node))
                 else:
                     self.terms.append(_Term(spec.target, a, spec.out_layout, spec.in_layout, module.groups,
                                             node=spec.node))

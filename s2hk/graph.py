@@ -3,7 +3,8 @@
 A *channel space* is created by every layer that makes new channels (a conv's or linear's outputs, the model
 input). Operations that couple channels merge spaces: a residual add, an SE-style channel multiply, a
 depthwise conv (output channel c is input channel c), a norm layer (tied to its producer). Each merged class
-is a :class:`ChannelGroup`: its channels must be kept or removed together.
+is a :class:`ChannelGroup`: its channels must be kept or removed together. A grouped convolution ties its
+input's and output's conv groups: its channels are pruned by whole groups (units of ``C / groups``).
 
 Tensors carry a :class:`Layout`: the sequence of channel-space segments along their channel axis (a concat
 produces several segments; a flatten of ``(N, C, H, W)`` into a linear gives one segment whose channels each
@@ -21,7 +22,7 @@ position bias) that meet channels are recorded too (:class:`ConstantSlice`): the
 channels. Matrix products over heads (:class:`MatmulSpec`) carry their MACs per head for the FLOPs.
 
 A group is *frozen* (never pruned) when its channels reach the model output, come from the model input, meet
-a layer handled only at full width (grouped conv, GroupNorm...), are normalised by a LayerNorm (an embedding
+a layer handled only at full width (GroupNorm, nn.MultiheadAttention...), are normalised by a LayerNorm (an embedding
 width; unless ``prune_embedding``), or touch a layer the user asked to ignore. Operations the analysis does not understand are errors naming the layer,
 unless listed in ``ignore`` (then they run dense, and every group they touch is frozen).
 """
@@ -98,7 +99,8 @@ class LayerSpec:
     """How one call of a conv / linear / norm layer is sliced on the hard path and gated on the soft path.
 
     ``kind`` is "conv", "linear" or "norm"; ``in_layout``/``out_layout`` give the channel segments of its
-    input and output; ``depthwise`` convs have one input channel per output channel; ``gate`` says whether
+    input and output; ``depthwise`` marks a grouped conv pruned by whole groups (kept groups of input and
+    output channels are tied; a depthwise conv's groups are single channels); ``gate`` says whether
     the soft keep-probabilities multiply this layer's output (after a norm, else after the producer).
     """
 
@@ -695,8 +697,6 @@ class _Analyzer:
             if isinstance(module, nn.LayerNorm):
                 for seg in layout:
                     self.layer_norm_spaces.setdefault(seg.group, name)
-            elif any(seg.repeat != 1 for seg in layout):
-                raise _Unsupported("norm layer over flattened channels")
             self.layers[node.name] = LayerSpec(node.name, name, "norm", layout, layout)
             self.make_info(node, layout, inp.axis)
         elif isinstance(module, nn.MultiheadAttention):
@@ -727,20 +727,37 @@ class _Analyzer:
             raise _Unsupported("convolution over a tensor whose channels are not in dimension 1")
         self.check_width(inp, conv.in_channels, name)
         layout = self.layout(inp)
-        if any(seg.repeat != 1 for seg in layout):
-            raise _Unsupported("convolution over flattened channels")
         if conv.groups == 1:
             space = self.new_space(conv.out_channels, producer=name)
             spec = LayerSpec(node.name, name, "conv", layout, (Segment(space, conv.out_channels),))
         elif conv.groups == conv.in_channels == conv.out_channels:
             spec = LayerSpec(node.name, name, "conv", layout, layout, depthwise=True)
         else:
-            reason = f"grouped convolution {name} (groups={conv.groups}) runs at full width"
-            self.freeze(layout, reason)
-            space = self.new_space(conv.out_channels, producer=name, frozen=reason)
-            spec = LayerSpec(node.name, name, "conv", layout, (Segment(space, conv.out_channels),))
+            spec = self.grouped_conv(node, conv, layout)
         self.layers[node.name] = spec
         self.make_info(node, spec.out_layout, 1)
+
+    def grouped_conv(self, node: fx.Node, conv: nn.Module, layout: Layout) -> LayerSpec:
+        """A convolution with ``1 < groups``: pruned by whole groups (RegNet, ResNeXt). Group ``j`` of its
+        output reads only group ``j`` of its input, so the input's channels are coarsened into ``groups``
+        units of ``C_in / groups`` channels, tied to the output's units of ``C_out / groups``; the hard path
+        keeps whole groups and the conv's group count becomes the kept units. Where the input's channels do
+        not split into such units (a concat across a group boundary), the conv runs at full width."""
+        name = str(node.target)
+        groups, in_unit, out_unit = conv.groups, conv.in_channels // conv.groups, conv.out_channels // conv.groups
+        try:
+            units = self.to_units(layout, in_unit)
+        except _Unsupported:
+            units = ()
+        if len(units) != 1 or units[0].size != groups:
+            reason = f"grouped convolution {name} (groups={groups}) over channels that do not split into its groups"
+            self.freeze(layout, reason)
+            space = self.new_space(conv.out_channels, producer=name, frozen=reason)
+            return LayerSpec(node.name, name, "conv", layout, (Segment(space, conv.out_channels),))
+        space = self.new_space(groups, producer=name)
+        self.uf.union(units[0].group, space)
+        return LayerSpec(node.name, name, "conv", self.resolve(layout), (Segment(space, groups, out_unit),),
+                         depthwise=True)
 
     # ----------------------------------------------------------------- functions and methods
     def visit_function(self, node: fx.Node) -> None:

@@ -111,7 +111,7 @@ class _Wrapper(nn.Module):
 
 
 class GatedConv(_Wrapper):
-    """A ``nn.ConvNd`` on both paths; depthwise convs keep one group per kept channel."""
+    """A ``nn.ConvNd`` on both paths; grouped (and depthwise) convs keep whole groups."""
 
     def dual(self, x_soft: Tensor, x_hard: Tensor) -> tuple[Tensor, Tensor]:
         """``(soft output, hard output)``; one ``dual_conv`` launch for a shared input where dispatch picks
@@ -147,8 +147,8 @@ class GatedConv(_Wrapper):
         sel_out = self._sel_out()
         weight = select(conv.weight, 0, sel_out)
         groups = conv.groups
-        if self.spec.depthwise:
-            groups = count_selected(sel_out, conv.out_channels)
+        if self.spec.depthwise:  # whole groups kept: as many groups as kept units of C_out / groups channels
+            groups = count_selected(sel_out, conv.out_channels) // (conv.out_channels // conv.groups)
         elif groups == 1:
             weight = select(weight, 1, self.state.selections[self.spec.in_layout])
         return _conv(conv, x, weight, select(conv.bias, 0, sel_out), groups)

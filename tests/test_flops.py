@@ -315,7 +315,7 @@ def test_polynomial_gradient_by_hand(small_net):
 
 
 class GroupedBranch(nn.Module):
-    """A grouped conv (run at full width) beside a prunable branch, both feeding a linear head."""
+    """A grouped conv (pruned by whole groups) beside a plain branch, both feeding a linear head."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -330,14 +330,15 @@ class GroupedBranch(nn.Module):
         return self.fc(torch.cat([g, b], 1).mean((2, 3)))
 
 
-@pytest.mark.parametrize("k", [6, 4, 1])
-def test_grouped_conv_counts_at_full_width(k):
+@pytest.mark.parametrize("k,units", [(6, 4), (4, 2), (1, 1)])
+def test_grouped_conv_counts_its_kept_groups(k, units):
     torch.manual_seed(0)
     x = torch.randn(1, 3, 4, 4)
     net = TwoPathNetwork(GroupedBranch(), x)
-    assert [g.name for g in net.prunable] == ["branch"]
-    net.set_hard_widths({"branch": k})
-    macs = 16 * 8 * 3 + 16 * 8 * 2 * 9 + 16 * k * 3 * 9 + 4 * (8 + k)
+    assert [g.name for g in net.prunable] == ["pw", "branch"]
+    net.set_hard_widths({"branch": k, "pw": units})  # units of the grouped conv: two channels each
+    c = 2 * units
+    macs = 16 * c * 3 + 16 * c * 2 * 9 + 16 * k * 3 * 9 + 4 * (c + k)
     assert net.flops("hard") == 2 * macs
     assert count_flops(net.export(), x) == 2 * macs
 

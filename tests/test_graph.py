@@ -171,14 +171,34 @@ class Grouped(nn.Module):
         return self.head(torch.cat([self.gconv(self.bn(self.pw(x))), self.other(x)], 1))
 
 
-def test_grouped_conv_freezes_its_input_and_output():
+def test_grouped_conv_ties_its_input_and_output_groups():
     a = analyze(Grouped(), X8)
     g_in, g_out = out_group(a, "pw"), out_group(a, "gconv")
-    for g in (g_in, g_out):
+    assert g_in is g_out and g_in.prunable and g_in.channels == 2  # two conv groups of four channels
+    assert a.layers["gconv"].out_layout[0].repeat == 4 and a.layers["gconv"].depthwise
+    assert a.layers["bn"].out_layout == a.layers["pw"].out_layout  # the norm follows the coarsened units
+    assert out_group(a, "other").prunable
+
+
+class GroupedOverConcat(nn.Module):
+    """A grouped conv whose groups straddle the two parts of a concat: it runs at full width."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 3, 1), nn.Conv2d(3, 5, 1)
+        self.gconv = nn.Conv2d(8, 8, 3, padding=1, groups=2)
+        self.head = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        return self.head(self.gconv(torch.cat([self.a(x), self.b(x)], 1)))
+
+
+def test_grouped_conv_over_channels_that_do_not_split_runs_dense():
+    a = analyze(GroupedOverConcat(), X8)
+    for node in ("a", "b", "gconv"):
+        g = out_group(a, node)
         assert not g.prunable
         assert any("gconv" in r and "groups=2" in r for r in g.frozen_reasons), g.frozen_reasons
-    # the unrelated branch stays prunable
-    assert out_group(a, "other").prunable
     assert "gconv" in a.report()
 
 

@@ -365,3 +365,53 @@ def test_save_and_load_a_model_with_an_ignored_untraceable_module(tmp_path):
     net.eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), net(x, path="hard"), rtol=1e-5, atol=1e-6)
+
+
+# --- grouped convolutions, pruned by whole groups ---------------------------------------------------------
+
+
+class ResNeXtBlock(nn.Module):
+    """1x1 -> BN -> ReLU -> 3x3 grouped (``groups``) -> BN -> ReLU -> 1x1 -> BN, plus the identity; then a
+    depthwise conv with a channel multiplier of 2 and a classifier."""
+
+    def __init__(self, width: int = 8, inner: int = 12, groups: int = 4) -> None:
+        super().__init__()
+        self.stem, self.bn0 = nn.Conv2d(3, width, 3, padding=1, bias=False), nn.BatchNorm2d(width)
+        self.c1, self.b1 = nn.Conv2d(width, inner, 1, bias=False), nn.BatchNorm2d(inner)
+        self.c2, self.b2 = nn.Conv2d(inner, inner, 3, padding=1, groups=groups, bias=False), nn.BatchNorm2d(inner)
+        self.c3, self.b3 = nn.Conv2d(inner, width, 1, bias=False), nn.BatchNorm2d(width)
+        self.expand = nn.Conv2d(width, 2 * width, 3, padding=1, groups=width)
+        self.fc = nn.Linear(2 * width, 3)
+
+    def forward(self, x):
+        x = F.relu(self.bn0(self.stem(x)))
+        y = F.relu(self.b1(self.c1(x)))
+        y = F.relu(self.b2(self.c2(y)))
+        x = F.relu(x + self.b3(self.c3(y)))
+        return self.fc(F.relu(self.expand(x)).mean((2, 3)))
+
+
+def test_grouped_convolutions_prune_by_whole_groups(tmp_path):
+    from helpers import randomise_norms
+    from s2hk import count_flops, load_pruned, save_pruned
+
+    torch.manual_seed(0)
+    model = randomise_norms(ResNeXtBlock())
+    x = torch.randn(2, 3, 6, 6)
+    net = TwoPathNetwork(model, x[:1])
+    inner = net.group("c1")
+    assert inner.prunable and inner.channels == 4, net.analysis.report()  # 4 groups of 3 channels
+    assert net.group("stem").prunable  # the residual stream reaches the depthwise expansion, a group of 8
+    net.set_hard_widths({"c1": [0, 2], "stem": [1, 2, 4, 5, 7]})
+    c2 = net.export().get_submodule("c2")
+    assert (c2.in_channels, c2.out_channels, c2.groups) == (6, 6, 2)
+    net.eval()
+    small = net.export().eval()
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), net(x, path="hard"), rtol=1e-5, atol=1e-6)
+    expand = small.get_submodule("expand")
+    assert (expand.in_channels, expand.out_channels, expand.groups) == (5, 10, 5)
+    assert net.flops("hard") == count_flops(small, x[:1])
+    save_pruned(net, tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(load_pruned(tmp_path, model=ResNeXtBlock())(x), small(x))
