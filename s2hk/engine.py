@@ -138,6 +138,7 @@ class TwoPathNetwork(nn.Module):
         self._channel_group: Optional[Tensor] = None
         self._channel_position: Optional[Tensor] = None
         self._ranked = False
+        self._keep_loaded_ranks = False  # ranks were loaded (_orders_from_ranks): the next refresh keeps them
         self.flops_polynomial = FlopsPolynomial(self.analysis, model, example_inputs)
         self._pinned: dict[int, Union[int, Tensor]] = {}
         self._pinned_channels: dict[int, list[int]] = {}  # host copies of the explicit lists: read without a sync
@@ -394,11 +395,22 @@ class TwoPathNetwork(nn.Module):
             self.refresh_plan()
         return result
 
+    def adopt_ranks(self) -> None:
+        """Take :attr:`ranks` as written from outside (a ranking broadcast from another process): the importance
+        orders follow them and the hard plan is made again from them and the current logits, without
+        re-ranking."""
+        self._orders_from_ranks()
+        self.refresh_plan()
+
     def _orders_from_ranks(self) -> None:
-        """Each group's channels in importance order, from :attr:`ranks` (a loaded ranking)."""
+        """Each group's channels in importance order, from :attr:`ranks` (a loaded ranking), which the next
+        :meth:`refresh_plan` keeps instead of re-ranking: a checkpoint's plan is made again from the ranks it was
+        made from, not from the loaded weights, whose ranking can differ (after warm-up steps, which train the
+        weights without refreshing the plan). Dynamic importance re-ranks from the refresh after it."""
         co = self.gate_layout.channel_offsets
         self._orders = [torch.argsort(self.ranks[co[i]:co[i + 1]]) for i in range(len(self.prunable))]
         self._ranked = True
+        self._keep_loaded_ranks = True
 
     # ------------------------------------------------------------------ introspection
     def group(self, name: str) -> ChannelGroup:
@@ -494,9 +506,13 @@ class TwoPathNetwork(nn.Module):
 
     def refresh_plan(self, extra: Optional[Tensor] = None) -> list[float]:
         """Recompute the hard network from the current logits (and importance) with one host read for all
-        groups; ``extra`` (a 1-D tensor, e.g. a step's metrics) rides along in the same read and is returned."""
-        if self.importance_mode == "dynamic" or not self._ranked:
+        groups; ``extra`` (a 1-D tensor, e.g. a step's metrics) rides along in the same read and is returned.
+
+        Dynamic importance re-ranks the channels first, except in the first refresh after a ranking was loaded
+        (:meth:`load_state_dict`, a method's ``load_pruning_state``), which plans from the loaded ranks."""
+        if (self.importance_mode == "dynamic" and not self._keep_loaded_ranks) or not self._ranked:
             self.update_ranks()
+        self._keep_loaded_ranks = False
         with torch.no_grad():
             hard = ops.gates(self.mask_logits.detach(), self.ranks, self.gate_layout, self.tau).hard_widths.clone()
             pinned_sets: dict[int, Tensor] = {}

@@ -3,7 +3,7 @@
 The loop only needs the pruner's common surface: ``train_step(x, y, optimizer) -> dict``,
 ``weight_parameters()``, ``evaluate(batches)``, ``recalibrate_bn(batches, n)``, ``pruning_state()`` /
 ``load_pruning_state()``, ``set_phase(phase)``, ``flops(kind)`` and optionally ``on_epoch_end()`` and
-``refresh_plan()``.
+``adopt_ranks()`` or ``refresh_plan()``.
 
 Resuming from a checkpoint continues bit-identically: weights, masks, both optimisers, the lr schedule, every
 RNG and the position in the (deterministic) data order are restored, and the metric records written after
@@ -266,13 +266,15 @@ class Trainer:
 
     # ------------------------------------------------------------------ data parallel
     def synchronize_initial_state(self) -> None:
-        """Give every rank rank 0's weights, buffers and mask logits, then rebuild the hard plan from them."""
+        """Give every rank rank 0's weights, buffers and mask logits, then rebuild the hard plan from them (from
+        rank 0's channel ranking, as a resumed run must: re-ranking from the weights would not give a checkpoint's
+        ranks after warm-up steps)."""
         if not dist_utils.is_distributed():
             return
         dist_utils.broadcast_(_unique(list(self.pruner.parameters()) + list(self.pruner.buffers())))
-        refresh = getattr(self.pruner, "refresh_plan", None)
-        if refresh is not None:
-            refresh()
+        rebuild = getattr(self.pruner, "adopt_ranks", None) or getattr(self.pruner, "refresh_plan", None)
+        if rebuild is not None:
+            rebuild()
 
     def _average_buffers(self) -> None:
         """Average the model's floating-point buffers (BatchNorm running statistics) over the ranks."""

@@ -76,6 +76,8 @@ def metric_lines(folder: Path) -> list[str]:
 # ------------------------------------------------------------------ resumption
 
 @pytest.mark.parametrize("stop_after, checkpoint_every", [
+    (7, 3),    # killed in the warm-up epoch: resumes from the warm-up checkpoint of step 6
+    (8, 0),    # stopped at the end of warm-up: resumes from its epoch-end checkpoint, before the first joint step
     (11, 3),   # killed mid joint epoch, two steps after a mid-epoch checkpoint
     (16, 5),   # stopped at an epoch boundary: resumes from the epoch-end checkpoint of step 16
     (27, 0),   # killed mid hard epoch; only the epoch-end checkpoint of step 24 exists
