@@ -19,11 +19,11 @@ is read off the traced graph, for any model, by giving every convolution call a 
 
 The P-NN and its export
 -----------------------
-In training the P-NN is the network whose block convolutions use ``weight * mask`` (:class:`MaskedLayer`
-gives each its mask's unit). A masked filter outputs its bias (0 without one) everywhere, so after its
-BatchNorm and pointwise ops the channel holds one constant per channel (BN in eval mode:
-``beta - gamma * mean / sqrt(var + eps)``) that still flows into what reads it. The export removes the masked
-filters and keeps that constant exactly:
+In training the P-NN is the network whose block convolutions use ``weight * mask`` (one mask per conv
+module, :class:`MaskedLayer`). A masked filter outputs its bias (0 without one) at every position, so after
+its BatchNorm and pointwise ops the channel is one constant (BN in eval mode:
+``beta - gamma * mean / sqrt(var + eps)``), which still flows into whatever reads it. The export removes the
+masked filters and keeps those constants exactly:
 
 - the masked conv's filters and its BatchNorms' channels are sliced away (:func:`layer_selections`);
 - a *convolution* reading the channels (the next conv of the block) loses those input channels and adds
@@ -36,9 +36,10 @@ filters and keeps that constant exactly:
   ``torch.index_add(other + constant, 1, kept, branch)`` with ``constant`` ``(C, 1, 1)`` zero at the kept
   channels, so the residual stream keeps its full width and the sum is the P-NN's.
 
-A masked conv is *removable* when every node its channels reach is a BatchNorm, a pointwise op of one input,
-such a convolution (``groups == 1``, not depthwise) or such an add (whose other operand is not a removable
-conv's channels as well), and the conv is called once. Otherwise the export keeps its masked filters, zeroed:
+A masked conv is *removable* when it is called once and every node its channels reach is a BatchNorm, a
+pointwise op of one input, a convolution with ``groups == 1`` reading them as its only input, or a residual
+add of two same-shaped tensors whose other operand does not carry another removable conv's channels.
+Otherwise the export keeps its masked filters, zeroed:
 still exact, not smaller (MobileNet's expand convs feed depthwise convs; a conv before global pooling feeds
 no conv). The FLOPs of the exported P-NN (:func:`pnn_flops`) count each removable conv with
 ``C_out - int(C_out * rate)`` filters and each conv reading its channels with that many fewer inputs; the
@@ -424,8 +425,8 @@ class _Recorder(fx.Interpreter):
 
     def run_node(self, n: fx.Node) -> Any:
         result = super().run_node(n)
-        if n.name in self.names:
-            self.values[n.name] = result.detach()
+        if n.name in self.names:  # a copy: an in-place op further on (ReLU(inplace=True)) may overwrite it
+            self.values[n.name] = result.detach().clone()
         return result
 
 
