@@ -472,7 +472,30 @@ def pnn_case(model: nn.Module, size: int, seed: int = 0) -> tuple[CRSFPruner, to
     return p.eval(), x
 
 
+class InplaceBlock(nn.Module):
+    """The authors' basic block idiom: ``out += residual`` and ``ReLU(inplace=True)``."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+        self.conv2, self.bn2 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        residual = x
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += residual
+        return self.relu(out)
+
+
+def inplace_net() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(inplace=True), InplaceBlock(8),
+                         InplaceBlock(8), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5))
+
+
 EXPORT_CASES = [
+    ("inplace-idiom", inplace_net, 8),
     ("resnet20-like", lambda: ResNet(BasicBlock, [3, 3, 3], widths=(16, 32, 64), num_classes=5, stem_width=16), 8),
     ("resnet56", lambda: get_model("resnet56", num_classes=5), 8),
     ("resnet18", lambda: get_model("resnet18", num_classes=5, stem="imagenet"), 32),
