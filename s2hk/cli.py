@@ -59,6 +59,9 @@ DEFAULTS: dict[str, Any] = {
     "prune_rate": 0.3,
     "lr": 0.05,
     "weight_decay": 5e-4,
+    "schedule": "cosine",
+    "lr_step_epochs": 30,   # --schedule step only (None in config.json otherwise)
+    "lr_gamma": 0.1,        # --schedule step only (None in config.json otherwise)
     "seed": 0,
     "device": "cpu",
     "threads": 0,
@@ -77,10 +80,10 @@ DEFAULTS: dict[str, Any] = {
 # Settings whose value type is not the type of their default.
 _NULLABLE_STR = {"data_root", "out"}
 _NULLABLE_INT = {"warmup_epochs"}
-_FLOAT_SETTINGS = {"target_flops", "prune_rate", "lr", "weight_decay"}
+_FLOAT_SETTINGS = {"target_flops", "prune_rate", "lr", "weight_decay", "lr_gamma"}
 _NON_NEGATIVE = {"warmup_epochs", "hard_epochs", "seed", "threads", "num_workers", "max_steps_per_epoch",
                  "recalibrate_batches", "checkpoint_every"}
-_POSITIVE = {"image_size", "batch_size", "epochs"}
+_POSITIVE = {"image_size", "batch_size", "epochs", "lr_step_epochs"}
 
 # Settings that may change between an interrupted run and its resumption (they do not change the numbers).
 # skip_bad_files may be turned on to get past an image that failed mid-run; allow_missed_target changes the exit
@@ -180,7 +183,17 @@ def _check_setting(key: str, value: Any, where: str) -> Any:
         raise UsageError(f"{where}: setting {key!r} must be >= 1, got {value}")
     if key in _NON_NEGATIVE and value is not None and value < 0:
         raise UsageError(f"{where}: setting {key!r} must be >= 0, got {value}")
+    choices = _choices().get(key)
+    if choices is not None and value not in choices:
+        raise UsageError(f"{where}: setting {key!r} must be one of {', '.join(choices)}, got {value!r}")
     return value
+
+
+def _choices() -> dict[str, tuple[str, ...]]:
+    """The values a string setting may take, by setting."""
+    from .trainer import SCHEDULES
+
+    return {"schedule": SCHEDULES}
 
 
 def _flag(key: str) -> str:
@@ -257,6 +270,29 @@ def _refuse_unused(cfg: dict, explicit: set[str]) -> None:
         raise UsageError(f"--skip-bad-files: dataset {spec.name} has no image files to skip ({spec.description})")
 
 
+def _check_train_settings(cfg: dict, explicit: set[str]) -> None:
+    """Refuse weight-optimiser settings that the run would ignore (the step schedule's, with another schedule) or
+    that are out of range; clear the unused ones in ``cfg`` so that config.json shows only what the run uses."""
+    if cfg["schedule"] != "step":
+        for key in ("lr_step_epochs", "lr_gamma"):
+            if key in explicit:
+                raise UsageError(f"{_flag(key)}: applies to --schedule step only (this run's schedule is "
+                                 f"{cfg['schedule']})")
+        cfg.update(lr_step_epochs=None, lr_gamma=None)
+    elif not 0.0 < cfg["lr_gamma"] <= 1.0:
+        raise UsageError(f"--lr-gamma must be in (0, 1], got {cfg['lr_gamma']}")
+
+
+def _train_config(cfg: dict) -> Any:
+    """The run's :class:`s2hk.trainer.TrainConfig` (settings checked by resolve_prune_config)."""
+    from .trainer import TrainConfig
+
+    step = {"step_epochs": cfg["lr_step_epochs"], "gamma": cfg["lr_gamma"]} if cfg["schedule"] == "step" else {}
+    return TrainConfig(lr=cfg["lr"], weight_decay=cfg["weight_decay"], schedule=cfg["schedule"], **step,
+                       progress=cfg["progress"], max_steps_per_epoch=cfg["max_steps_per_epoch"],
+                       recalibrate_batches=cfg["recalibrate_batches"], checkpoint_every=cfg["checkpoint_every"])
+
+
 def _resolve_schedule(cfg: dict) -> None:
     """Warm-up epochs when not given (:data:`WARMUP_FRACTION` of the epochs); the target methods need at least
     one joint epoch, the only epochs in which they prune."""
@@ -293,6 +329,7 @@ def resolve_prune_config(args: argparse.Namespace) -> dict:
         raise UsageError(f"method {cfg['method']!r} is not available; available: {', '.join(METHODS)}")
     _refuse_unused(cfg, explicit)
     _resolve_schedule(cfg)
+    _check_train_settings(cfg, explicit)
     _check_method_settings(cfg)
     _model_factory(cfg["model"])
     _resolve_out(cfg, explicit)
@@ -516,7 +553,7 @@ def _run_prune(cfg: dict) -> int:
 
     from .distributed import barrier, is_rank0, world_size
     from .report import PLOT_FILES
-    from .trainer import TrainConfig, Trainer
+    from .trainer import Trainer
 
     started = time.perf_counter()
     if cfg["threads"]:
@@ -527,11 +564,7 @@ def _run_prune(cfg: dict) -> int:
     train, val = _make_loaders(cfg, device)
     pruner = _build_pruner(cfg, train.num_classes, train.info.channels, train.image_size, device)
     out = _claim_run_folder(cfg)
-    train_config = TrainConfig(lr=cfg["lr"], weight_decay=cfg["weight_decay"], progress=cfg["progress"],
-                               max_steps_per_epoch=cfg["max_steps_per_epoch"],
-                               recalibrate_batches=cfg["recalibrate_batches"],
-                               checkpoint_every=cfg["checkpoint_every"])
-    trainer = Trainer(pruner, train, val, epochs=cfg["epochs"], config=train_config, out_dir=out,
+    trainer = Trainer(pruner, train, val, epochs=cfg["epochs"], config=_train_config(cfg), out_dir=out,
                       run_config=cfg, resume_ignore=RESUME_IGNORE, other_outputs=_RUN_OUTPUTS + PLOT_FILES,
                       started=started)
     result = trainer.fit(resume=cfg["resume"])
@@ -853,7 +886,14 @@ def _add_prune_parser(sub: Any) -> None:
                    help="s2h / stp: remaining FLOPs ratio, e.g. 0.35" + _default("target_flops"))
     p.add_argument("--prune-rate", dest="prune_rate", type=float,
                    help="crsfp / sfp: fraction of every prunable group's channels masked" + _default("prune_rate"))
-    p.add_argument("--lr", type=float, help="initial SGD learning rate (cosine schedule)" + _default("lr"))
+    p.add_argument("--lr", type=float, help="initial SGD learning rate (see --schedule)" + _default("lr"))
+    p.add_argument("--schedule", help="learning-rate schedule: cosine (per step, to 0), step (times --lr-gamma every "
+                                      "--lr-step-epochs epochs, as CR-SFP's authors train: 0.1 every 30) or "
+                                      "constant" + _default("schedule"))
+    p.add_argument("--lr-step-epochs", dest="lr_step_epochs", type=int,
+                   help="--schedule step: epochs between two decays" + _default("lr_step_epochs"))
+    p.add_argument("--lr-gamma", dest="lr_gamma", type=float,
+                   help="--schedule step: factor of each decay, in (0, 1]" + _default("lr_gamma"))
     p.add_argument("--weight-decay", dest="weight_decay", type=float, help="SGD weight decay"
                    + _default("weight_decay"))
     p.add_argument("--seed", type=int, help="seed of weights, data order and augmentation" + _default("seed"))

@@ -35,8 +35,9 @@ from .checkpoint import (CheckpointError, capture_rng_state, checkpoint_path, li
                          restore_rng_state, rotate_checkpoints, save_checkpoint)
 from .metrics import MetricsLogger
 
-__all__ = ["TrainConfig", "Trainer", "cosine_schedule"]
+__all__ = ["TrainConfig", "Trainer", "SCHEDULES", "cosine_schedule", "step_schedule"]
 
+SCHEDULES = ("cosine", "step", "constant")  # TrainConfig.schedule
 _STATE_KEYS = frozenset({"model", "pruning", "optimizer", "scheduler", "epoch", "batch", "step", "rng"})
 
 
@@ -46,7 +47,11 @@ class TrainConfig:
 
     Attributes:
         lr: initial SGD learning rate; momentum, nesterov, weight_decay: SGD settings.
-        schedule: "cosine" (per step, to 0) or "constant".
+        schedule: "cosine" (per step, to 0), "step" (``lr`` times ``gamma`` every ``step_epochs`` epochs, as
+            CR-SFP's authors train: lr / 10 every 30 epochs) or "constant".
+        step_epochs: epochs between two decays of the "step" schedule (counted in steps: ``step_epochs``
+            times the steps of an epoch).
+        gamma: factor of each decay of the "step" schedule, in (0, 1].
         recalibrate_batches: training batches used to re-estimate the hard path's BN statistics before each
             evaluation.
         checkpoint_every: also save every this many steps (0: only at epoch ends).
@@ -60,6 +65,8 @@ class TrainConfig:
     nesterov: bool = True
     weight_decay: float = 5e-4
     schedule: str = "cosine"
+    step_epochs: int = 30
+    gamma: float = 0.1
     recalibrate_batches: int = 20
     checkpoint_every: int = 0
     keep_last: int = 2
@@ -67,8 +74,12 @@ class TrainConfig:
     max_steps_per_epoch: int = 0
 
     def __post_init__(self) -> None:
-        if self.schedule not in ("cosine", "constant"):
-            raise ValueError(f"schedule must be 'cosine' or 'constant', got {self.schedule!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        if isinstance(self.step_epochs, bool) or not isinstance(self.step_epochs, int) or self.step_epochs < 1:
+            raise ValueError(f"step_epochs must be an integer >= 1, got {self.step_epochs!r}")
+        if not 0.0 < float(self.gamma) <= 1.0:
+            raise ValueError(f"gamma must be in (0, 1], got {self.gamma!r}")
         for name in ("recalibrate_batches", "checkpoint_every", "max_steps_per_epoch"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -79,6 +90,12 @@ class TrainConfig:
 def cosine_schedule(total_steps: int) -> Callable[[int], float]:
     """lr multiplier ``0.5 (1 + cos(pi t / T))`` at step ``t``."""
     return lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / max(total_steps, 1)))
+
+
+def step_schedule(period_steps: int, gamma: float) -> Callable[[int], float]:
+    """lr multiplier ``gamma ** (t // period_steps)`` at step ``t`` (a pure function of the step, so a resumed run
+    continues it exactly)."""
+    return lambda step: float(gamma) ** (step // max(period_steps, 1))
 
 
 class Trainer:
@@ -126,7 +143,12 @@ class Trainer:
         if self.config.max_steps_per_epoch:
             self.steps_per_epoch = min(self.steps_per_epoch, self.config.max_steps_per_epoch)
         self.total_steps = self.epochs * self.steps_per_epoch
-        factor = cosine_schedule(self.total_steps) if self.config.schedule == "cosine" else _constant
+        if self.config.schedule == "cosine":
+            factor = cosine_schedule(self.total_steps)
+        elif self.config.schedule == "step":
+            factor = step_schedule(self.config.step_epochs * self.steps_per_epoch, self.config.gamma)
+        else:
+            factor = _constant
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
         self.epoch, self.batch, self.step = 0, 0, 0
         self.epoch_ended = False  # the current epoch's training and on_epoch_end are done; evaluation is not
@@ -323,10 +345,10 @@ class Trainer:
                     if budget[0] <= 0:
                         return False
                     budget[0] -= 1
+                lr = self.optimizer.param_groups[0]["lr"]  # this step's; the scheduler sets the next one's
                 metrics = self._train_step(x, y)
                 if logger is not None:
-                    logger.log("step", epoch=self.epoch, step=self.step, lr=self.optimizer.param_groups[0]["lr"],
-                               **metrics)
+                    logger.log("step", epoch=self.epoch, step=self.step, lr=lr, **metrics)
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(_postfix(metrics), refresh=False)

@@ -354,6 +354,11 @@ def no_work(monkeypatch):
     (["--dataset", "synthetic", "--data-root", "/data"], "--data-root: dataset synthetic reads no folder"),
     (["--dataset", "cifar10", "--data-root", "/data", "--skip-bad-files"],
      "--skip-bad-files: dataset cifar10 has no image files"),
+    (["--schedule", "linear"], "--schedule: setting 'schedule' must be one of cosine, step, constant, got 'linear'"),
+    (["--lr-gamma", "0.5"], "--lr-gamma: applies to --schedule step only (this run's schedule is cosine)"),
+    (["--schedule", "constant", "--lr-step-epochs", "3"], "--lr-step-epochs: applies to --schedule step only"),
+    (["--schedule", "step", "--lr-gamma", "0"], "--lr-gamma must be in (0, 1], got 0.0"),
+    (["--schedule", "step", "--lr-step-epochs", "0"], "setting 'lr_step_epochs' must be >= 1"),
 ])
 def test_settings_are_refused_before_any_work(capsys, tmp_path, no_work, argv, message):
     assert message in error_of(capsys, ["prune", *argv, "--out", str(tmp_path / "run")])
@@ -369,6 +374,10 @@ def test_settings_a_method_uses_are_accepted(no_work):
     cfg = resolved("--method", "crsfp", "--warmup-epochs", "0")
     assert cfg["target_flops"] is None and cfg["warmup_epochs"] == 0 and cfg["prune_rate"] == 0.3
     assert resolved("--method", "stp")["prune_rate"] is None
+    assert resolved()["lr_step_epochs"] is None and resolved()["lr_gamma"] is None  # used by the step schedule only
+    cfg = resolved("--method", "crsfp", "--schedule", "step", "--lr-step-epochs", "3", "--lr-gamma", "0.5")
+    assert (cfg["schedule"], cfg["lr_step_epochs"], cfg["lr_gamma"]) == ("step", 3, 0.5)
+    assert resolved("--schedule", "step")["lr_step_epochs"] == 30 and resolved("--schedule", "step")["lr_gamma"] == 0.1
 
 
 def test_prune_help_shows_defaults_and_exit_codes(capsys):
@@ -510,3 +519,18 @@ def test_eval_of_a_damaged_pruned_model_is_one_line(run, tmp_path, capsys):
     (copy / "model.pt").write_bytes((out / "pruned" / "model.pt").read_bytes())
     err = error_of(capsys, ["eval", str(copy)])
     assert str(copy / "architecture.json") in err and f"layers['{name}'].kept_in_channels" in err
+
+
+def test_training_settings_reach_the_trainer(user_models, tmp_path, capsys):
+    """--schedule step with its period and factor: the trainer decays lr at the start of every epoch (steps capped
+    by --max-steps-per-epoch), and config.json records the settings."""
+    from s2hk.metrics import read_metrics
+
+    out = tmp_path / "run"
+    code, _ = run_quietly(["prune", *QUICK, "--epochs", "2", "--out", str(out), "--schedule", "step",
+                           "--lr-step-epochs", "1", "--lr-gamma", "0.5"])
+    assert code == 0, capsys.readouterr().err
+    config = json.loads((out / "config.json").read_text())
+    assert (config["schedule"], config["lr_step_epochs"], config["lr_gamma"]) == ("step", 1, 0.5)
+    assert (config["train"]["schedule"], config["train"]["step_epochs"], config["train"]["gamma"]) == ("step", 1, 0.5)
+    assert [r["lr"] for r in read_metrics(out, "step")] == [0.05, 0.05, 0.025, 0.025]

@@ -18,7 +18,7 @@ from s2hk import S2HPruner
 from s2hk.checkpoint import CheckpointError, list_checkpoints, save_checkpoint
 from s2hk.data import DatasetError, make_loaders
 from s2hk.metrics import read_metrics
-from s2hk.trainer import TrainConfig, Trainer, cosine_schedule
+from s2hk.trainer import TrainConfig, Trainer, cosine_schedule, step_schedule
 
 STEPS_PER_EPOCH = 8  # 128 synthetic images, batch 16
 EPOCHS = 4           # warm-up, two joint epochs, hard
@@ -33,13 +33,15 @@ def tiny_model(width: int = 16) -> nn.Module:
 
 
 def make_trainer(out_dir: Path | None, checkpoint_every: int = 0, width: int = 16,
-                 run_config: dict | None = None) -> Trainer:
-    """A fresh model, pruner, loaders and trainer, all seeded: two calls give identical runs."""
+                 run_config: dict | None = None, **settings: object) -> Trainer:
+    """A fresh model, pruner, loaders and trainer, all seeded: two calls give identical runs (``settings``: more
+    TrainConfig settings)."""
     torch.manual_seed(0)
     train, val = make_loaders("synthetic", batch_size=16, image_size=8, seed=0, train_size=128, val_size=64)
     pruner = S2HPruner(tiny_model(width), torch.zeros(1, 3, 8, 8), target_flops=0.5, warmup_epochs=1,
                        joint_epochs=2, hard_epochs=1)
-    config = TrainConfig(lr=0.05, progress=False, recalibrate_batches=2, checkpoint_every=checkpoint_every)
+    config = TrainConfig(lr=0.05, progress=False, recalibrate_batches=2, checkpoint_every=checkpoint_every,
+                         **settings)
     return Trainer(pruner, train, val, epochs=EPOCHS, config=config, out_dir=out_dir, run_config=run_config)
 
 
@@ -309,8 +311,36 @@ def test_train_config_validation():
         TrainConfig(keep_last=0)
     with pytest.raises(ValueError, match="checkpoint_every"):
         TrainConfig(checkpoint_every=-1)
+    with pytest.raises(ValueError, match="step_epochs"):
+        TrainConfig(schedule="step", step_epochs=0)
+    for gamma in (0.0, 1.5):
+        with pytest.raises(ValueError, match="gamma"):
+            TrainConfig(schedule="step", gamma=gamma)
 
 
 def test_cosine_schedule_ends_at_zero():
     f = cosine_schedule(10)
     assert f(0) == 1.0 and f(5) == pytest.approx(0.5) and f(10) == pytest.approx(0.0) and f(20) == f(10)
+
+
+def test_step_schedule_multiplies_by_gamma_every_period():
+    f = step_schedule(4, 0.1)
+    assert [f(t) for t in (0, 3, 4, 7, 8, 12)] == [1.0, 1.0, 0.1, 0.1, 0.1 ** 2, 0.1 ** 3]
+
+
+def test_step_schedule_decays_at_epoch_starts_and_resumes_bit_identically(tmp_path):
+    """lr times gamma every step_epochs epochs (of max_steps_per_epoch-capped epochs: steps, not images);
+    an interrupted run continues the schedule exactly."""
+    settings = {"schedule": "step", "step_epochs": 1, "gamma": 0.5}
+    ref_dir = tmp_path / "reference"
+    reference_run = make_trainer(ref_dir, **settings)
+    reference_run.fit()
+    lrs = [r["lr"] for r in read_metrics(ref_dir, "step")]
+    assert lrs == [0.05 * 0.5 ** (t // STEPS_PER_EPOCH) for t in range(TOTAL_STEPS)]
+
+    out = tmp_path / "interrupted"
+    make_trainer(out, checkpoint_every=3, **settings).fit(stop_after_steps=11)
+    resumed = make_trainer(out, checkpoint_every=3, **settings)
+    resumed.fit()
+    assert_same_run(snapshot(reference_run), snapshot(resumed))
+    assert metric_lines(out) == metric_lines(ref_dir)
