@@ -304,7 +304,18 @@ def architecture(net: "TwoPathNetwork", model_name: Optional[str] = None, model_
         "layers": layers,
         "graph_edits": graph_edits(net),
         "attention_heads": attention_heads(net),
+        "channel_constants": channel_constants(net),
     }
+
+
+def channel_constants(net: "TwoPathNetwork") -> list[dict]:
+    """The constants a per-layer CR-SFP / SFP P-NN folds in for its removed filters (their BN outputs, into
+    the next conv and into residual sums): :func:`s2hk.crsfp_layers.pnn_edits`; empty for other networks."""
+    if getattr(net, "structure", None) != "layers":
+        return []
+    from .crsfp_layers import pnn_edits
+
+    return pnn_edits(net)
 
 
 def save_pruned(net: "TwoPathNetwork", folder: str | Path, model_name: Optional[str] = None,
@@ -595,6 +606,10 @@ def load_pruned(folder: str | Path, model: Optional[nn.Module] = None) -> fx.Gra
     _check_heads(arch, gm, schema)
     try:
         apply_graph_edits(pruned, arch.get("graph_edits", {}))
+        if arch.get("channel_constants"):
+            from .crsfp_layers import apply_pnn_edits
+
+            apply_pnn_edits(pruned, arch["channel_constants"])
     except (KeyError, IndexError, TypeError, ValueError) as err:
         raise ValueError(f"{arch_path}: its graph edits do not fit the model's graph ({err})") from err
     _set_head_counts(pruned, arch.get("attention_heads", {}))

@@ -284,8 +284,6 @@ def test_cli_prune_per_layer(method, tmp_path):
     assert main(args) == 0
 
 
-@pytest.mark.xfail(strict=True, reason="s2hk.export.load_pruned does not apply the per-layer P-NN's graph "
-                                       "changes yet (s2hk.crsfp_layers.pnn_edits / apply_pnn_edits)")
 def test_cli_eval_per_layer(tmp_path):
     out = tmp_path / "run"
     assert main(["prune", "--method", "crsfp", "--prune-rate", "0.3", "--out", str(out), *TINY]) == 0
