@@ -62,6 +62,7 @@ DEFAULTS: dict[str, Any] = {
     "schedule": "cosine",
     "lr_step_epochs": 30,   # --schedule step only (None in config.json otherwise)
     "lr_gamma": 0.1,        # --schedule step only (None in config.json otherwise)
+    "precision": "fp32",
     "seed": 0,
     "device": "cpu",
     "threads": 0,
@@ -191,9 +192,9 @@ def _check_setting(key: str, value: Any, where: str) -> Any:
 
 def _choices() -> dict[str, tuple[str, ...]]:
     """The values a string setting may take, by setting."""
-    from .trainer import SCHEDULES
+    from .trainer import PRECISIONS, SCHEDULES
 
-    return {"schedule": SCHEDULES}
+    return {"schedule": SCHEDULES, "precision": PRECISIONS}
 
 
 def _flag(key: str) -> str:
@@ -281,6 +282,17 @@ def _check_train_settings(cfg: dict, explicit: set[str]) -> None:
         cfg.update(lr_step_epochs=None, lr_gamma=None)
     elif not 0.0 < cfg["lr_gamma"] <= 1.0:
         raise UsageError(f"--lr-gamma must be in (0, 1], got {cfg['lr_gamma']}")
+    import torch
+
+    from .trainer import precision_problem
+
+    try:
+        device_type = torch.device(cfg["device"]).type
+    except (RuntimeError, ValueError) as err:
+        raise UsageError(f"--device {cfg['device']!r}: {_one_line(err)}") from err
+    problem = precision_problem(cfg["precision"], device_type, _pruner_type(cfg["method"]))
+    if problem is not None:
+        raise UsageError(f"--precision {cfg['precision']}: {problem}")
 
 
 def _train_config(cfg: dict) -> Any:
@@ -289,8 +301,9 @@ def _train_config(cfg: dict) -> Any:
 
     step = {"step_epochs": cfg["lr_step_epochs"], "gamma": cfg["lr_gamma"]} if cfg["schedule"] == "step" else {}
     return TrainConfig(lr=cfg["lr"], weight_decay=cfg["weight_decay"], schedule=cfg["schedule"], **step,
-                       progress=cfg["progress"], max_steps_per_epoch=cfg["max_steps_per_epoch"],
-                       recalibrate_batches=cfg["recalibrate_batches"], checkpoint_every=cfg["checkpoint_every"])
+                       precision=cfg["precision"], progress=cfg["progress"],
+                       max_steps_per_epoch=cfg["max_steps_per_epoch"], recalibrate_batches=cfg["recalibrate_batches"],
+                       checkpoint_every=cfg["checkpoint_every"])
 
 
 def _resolve_schedule(cfg: dict) -> None:
@@ -454,6 +467,21 @@ def _build_model(name: str, kwargs: dict[str, Any]) -> Any:
     except (TypeError, ValueError) as err:
         settings = ", ".join(f"{k}={v}" for k, v in kwargs.items())
         raise UsageError(f"model {name!r} cannot be built with {settings} ({_one_line(err)})") from err
+
+
+def _pruner_type(method: str) -> type:
+    """The pruner class of ``method``."""
+    if method in _RATE_METHODS:
+        from .crsfp import CRSFPruner, SFPruner
+
+        return CRSFPruner if method == "crsfp" else SFPruner
+    if method == "stp":
+        from .stp import STPruner
+
+        return STPruner
+    from .s2h import S2HPruner
+
+    return S2HPruner
 
 
 def _build_pruner(cfg: dict, num_classes: int, channels: int, image_size: int, device: Any) -> Any:
@@ -894,6 +922,8 @@ def _add_prune_parser(sub: Any) -> None:
                    help="--schedule step: epochs between two decays" + _default("lr_step_epochs"))
     p.add_argument("--lr-gamma", dest="lr_gamma", type=float,
                    help="--schedule step: factor of each decay, in (0, 1]" + _default("lr_gamma"))
+    p.add_argument("--precision", help="fp32, or autocast of the training steps and evaluations to bf16 (CPU or GPU) "
+                                       "or fp16 (GPU, with a gradient scaler; stp only)" + _default("precision"))
     p.add_argument("--weight-decay", dest="weight_decay", type=float, help="SGD weight decay"
                    + _default("weight_decay"))
     p.add_argument("--seed", type=int, help="seed of weights, data order and augmentation" + _default("seed"))

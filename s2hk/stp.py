@@ -500,12 +500,17 @@ class STPruner(TwoPathNetwork):
     def _remember(self, x: Tensor, y: Tensor) -> None:
         self._memory.append((x.detach().clone(), y.detach().clone()))
 
-    def train_step(self, x: Any, y: Tensor, optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    def train_step(self, x: Any, y: Tensor, optimizer: torch.optim.Optimizer,
+                   scaler: Optional[torch.amp.GradScaler] = None) -> dict[str, float]:
         """One step on ``(x, y)``; ``optimizer`` holds :meth:`weight_parameters`. Returns loss (CE of the full
         network), kd (mean subnet KD), hard_flops_ratio (of the best architecture), budget (of the sampled
         subnets), soft_acc (full network) and hard_acc (the best subnet's batch accuracy when it was trained
-        this step, else NaN)."""
+        this step, else NaN).
+
+        ``scaler`` (fp16 training): every loss is backpropagated scaled by it and the optimiser steps through it
+        (gradients unscaled; the step skipped when one is not finite); the caller calls ``scaler.update()``."""
         x = x[0] if isinstance(x, (tuple, list)) else x
+        scale = scaler.scale if scaler is not None else _unscaled
         optimizer.zero_grad(set_to_none=True)
         self._remember(x, y)
         nan = float("nan")
@@ -514,15 +519,15 @@ class STPruner(TwoPathNetwork):
             self.prepare_hard()
             z = self.run("hard", x)
             loss = F.cross_entropy(z, y)
-            loss.backward()
+            scale(loss).backward()
             all_reduce_mean_([p.grad for p in self.weight_parameters() if p.grad is not None])
-            optimizer.step()
+            _optimizer_step(optimizer, scaler)
             loss_v, acc = torch.stack([loss.detach().double(), _accuracy(z, y)]).tolist()
             return {"loss": loss_v, "kd": nan, "hard_flops_ratio": self.flops_ratio_of(self.best),
                     "budget": self.config.target_flops, "soft_acc": nan, "hard_acc": acc}
         z_full = self.run("dense", x)
         ce = F.cross_entropy(z_full, y)
-        ce.backward()
+        scale(ce).backward()
         kds, hard_acc = [], None
         budget = 1.0
         if self.phase == "joint":
@@ -533,13 +538,13 @@ class STPruner(TwoPathNetwork):
                 self.prepare_hard()
                 z_sub = self.run("hard", x)
                 kd = self.kd_loss(z_sub, teacher)
-                (self.config.kd_weight * kd).backward()
+                scale(self.config.kd_weight * kd).backward()
                 kds.append(kd.detach())
                 if hard_acc is None and arch == self.best:
                     hard_acc = _accuracy(z_sub, y)
             self._pin(self.best)
         all_reduce_mean_([p.grad for p in self.weight_parameters() if p.grad is not None])
-        optimizer.step()
+        _optimizer_step(optimizer, scaler)
         kd_mean = torch.stack(kds).mean().double() if kds else ce.detach().double().new_tensor(nan)
         hard = hard_acc if hard_acc is not None else kd_mean.new_tensor(nan)
         loss_v, kd_v, soft_v, hard_v = torch.stack([ce.detach().double(), kd_mean, _accuracy(z_full, y),
@@ -753,6 +758,19 @@ class STPruner(TwoPathNetwork):
 def _hard_stats(norm: nn.Module) -> tuple[Tensor, Tensor, Tensor]:
     """A two-path norm's hard-path running mean ``(C,)``, variance ``(C,)`` and batch count ``()``."""
     return norm.hard_running_mean, norm.hard_running_var, norm.hard_num_batches_tracked
+
+
+def _unscaled(loss: Tensor) -> Tensor:
+    """A loss as backpropagated without a gradient scaler: itself."""
+    return loss
+
+
+def _optimizer_step(optimizer: torch.optim.Optimizer, scaler: Optional[torch.amp.GradScaler]) -> None:
+    """``optimizer.step()``, through ``scaler`` when there is one (unscaling, skipping a non-finite step)."""
+    if scaler is not None:
+        scaler.step(optimizer)
+    else:
+        optimizer.step()
 
 
 def _accuracy(logits: Tensor, y: Tensor) -> Tensor:

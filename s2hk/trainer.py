@@ -5,13 +5,23 @@ The loop only needs the pruner's common surface: ``train_step(x, y, optimizer) -
 ``load_pruning_state()``, ``set_phase(phase)``, ``flops(kind)`` and optionally ``on_epoch_end()`` and
 ``adopt_ranks()`` or ``refresh_plan()``.
 
-Resuming from a checkpoint continues bit-identically: weights, masks, both optimisers, the lr schedule, every
-RNG and the position in the (deterministic) data order are restored, and the metric records written after
-the checkpoint by the interrupted run are dropped before they are written again. A damaged newest checkpoint
-is passed over for the newest intact one, with one line saying so. An epoch's checkpoint is written before
-its evaluation, so a failing evaluation (an unreadable validation image) never loses the epoch's training.
-Starting over (``fit(resume=False)``) never deletes: the earlier attempt's files are moved into
-``out_dir/previous-<UTC time>/``.
+Mixed precision (``TrainConfig.precision``): "bf16" or "fp16" run each training step, the evaluations and the
+end-of-epoch hook (a search, a re-ranking) under :func:`torch.autocast` on the run's device; the weights, their
+gradients and the optimiser state stay float32. bf16 needs no loss scaling and also runs on the CPU. fp16 runs
+on CUDA only, with a :class:`torch.amp.GradScaler`, and only for a pruner whose ``train_step`` takes it: a
+``scaler`` keyword argument, with which the method backpropagates ``scaler.scale(loss)`` for every loss and
+steps through ``scaler.step(optimizer)`` (unscaling its gradients and skipping the step when one is not finite);
+the trainer calls ``scaler.update()`` after the step. A method that updates more than the weight optimiser's
+parameters from its own gradients (S2HPruner's mask logits, through its own mask optimiser) would also have to
+unscale those and skip their update with the step.
+
+Resuming from a checkpoint continues bit-identically: weights, masks, both optimisers, the lr schedule, the
+gradient scaler, every RNG and the position in the (deterministic) data order are restored, and the metric
+records written after the checkpoint by the interrupted run are dropped before they are written again. A
+damaged newest checkpoint is passed over for the newest intact one, with one line saying so. An epoch's
+checkpoint is written before its evaluation, so a failing evaluation (an unreadable validation image) never
+loses the epoch's training. Starting over (``fit(resume=False)``) never deletes: the earlier attempt's files
+are moved into ``out_dir/previous-<UTC time>/``.
 
 Data-parallel runs (``torchrun``, see :mod:`s2hk.distributed`): every rank builds the same global batch,
 trains on its shard of it, and starts from rank 0's weights and mask logits; evaluation is split over the
@@ -19,6 +29,8 @@ ranks and summed, so every rank gets the same result. Only rank 0 writes files a
 """
 from __future__ import annotations
 
+import contextlib
+import inspect
 import json
 import math
 import sys
@@ -35,9 +47,12 @@ from .checkpoint import (CheckpointError, capture_rng_state, checkpoint_path, li
                          restore_rng_state, rotate_checkpoints, save_checkpoint)
 from .metrics import MetricsLogger
 
-__all__ = ["TrainConfig", "Trainer", "SCHEDULES", "cosine_schedule", "step_schedule"]
+__all__ = ["TrainConfig", "Trainer", "SCHEDULES", "PRECISIONS", "cosine_schedule", "step_schedule",
+           "precision_problem"]
 
 SCHEDULES = ("cosine", "step", "constant")  # TrainConfig.schedule
+PRECISIONS = ("fp32", "bf16", "fp16")  # TrainConfig.precision
+_AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 _STATE_KEYS = frozenset({"model", "pruning", "optimizer", "scheduler", "epoch", "batch", "step", "rng"})
 
 
@@ -52,6 +67,8 @@ class TrainConfig:
         step_epochs: epochs between two decays of the "step" schedule (counted in steps: ``step_epochs``
             times the steps of an epoch).
         gamma: factor of each decay of the "step" schedule, in (0, 1].
+        precision: "fp32", or "bf16" / "fp16" autocast of the training steps and evaluations (see the module
+            docstring; fp16 needs CUDA and a pruner whose ``train_step`` takes a gradient scaler).
         recalibrate_batches: training batches used to re-estimate the hard path's BN statistics before each
             evaluation.
         checkpoint_every: also save every this many steps (0: only at epoch ends).
@@ -67,6 +84,7 @@ class TrainConfig:
     schedule: str = "cosine"
     step_epochs: int = 30
     gamma: float = 0.1
+    precision: str = "fp32"
     recalibrate_batches: int = 20
     checkpoint_every: int = 0
     keep_last: int = 2
@@ -80,11 +98,28 @@ class TrainConfig:
             raise ValueError(f"step_epochs must be an integer >= 1, got {self.step_epochs!r}")
         if not 0.0 < float(self.gamma) <= 1.0:
             raise ValueError(f"gamma must be in (0, 1], got {self.gamma!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         for name in ("recalibrate_batches", "checkpoint_every", "max_steps_per_epoch"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.keep_last < 1:
             raise ValueError(f"keep_last must be >= 1, got {self.keep_last}")
+
+
+def precision_problem(precision: str, device_type: str, pruner_type: type) -> Optional[str]:
+    """Why a run of ``pruner_type`` cannot train in ``precision`` on a ``device_type`` device, or None when it can:
+    fp16 needs a gradient scaler, which the method's ``train_step`` must take (it runs its own backward and
+    optimiser steps), and a CUDA device."""
+    if precision != "fp16":
+        return None
+    if "scaler" not in inspect.signature(pruner_type.train_step).parameters:
+        return (f"fp16 needs a gradient scaler, and {pruner_type.__name__}.train_step takes none (it runs its own "
+                "backward and optimiser steps, so it would have to scale its losses and unscale what it updates); "
+                "use bf16, which needs no scaling")
+    if device_type != "cuda":
+        return f"fp16 trains on CUDA devices only, not on {device_type}; use bf16 there"
+    return None
 
 
 def cosine_schedule(total_steps: int) -> Callable[[int], float]:
@@ -156,6 +191,10 @@ class Trainer:
         self.history: list[dict] = []
         self.resumed_from: Optional[Path] = None
         self.device = pruner.mask_logits.device
+        problem = precision_problem(self.config.precision, self.device.type, type(pruner))
+        if problem is not None:
+            raise ValueError(f"precision {self.config.precision}: {problem}")
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.config.precision == "fp16" else None
 
     # ------------------------------------------------------------------ checkpoints
     @property
@@ -180,6 +219,8 @@ class Trainer:
         (and the run's wall time so far, in seconds, which does not change the numbers)."""
         return {"model": self.pruner.model.state_dict(), "pruning": self.pruner.pruning_state(),
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "precision": self.config.precision,
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None,
                 "epoch": self.epoch, "batch": self.batch, "step": self.step, "epoch_ended": self.epoch_ended,
                 "rng": capture_rng_state(), "history": self.history, "config": self.run_config,
                 "wall_seconds": self.wall_seconds}
@@ -208,11 +249,17 @@ class Trainer:
         if missing:
             raise CheckpointError(path, f"not an s2hk training checkpoint (missing {sorted(missing)})")
         self._check_same_run(path, state.get("config") or {})
+        precision = state.get("precision", "fp32")  # checkpoints from before mixed precision trained in fp32
+        if precision != self.config.precision:
+            raise CheckpointError(path, f"was written by a run in precision {precision}, this one trains in "
+                                        f"{self.config.precision}; resume with the same precision")
         try:
             self.pruner.model.load_state_dict(state["model"], strict=True)
             self.pruner.load_pruning_state(state["pruning"])
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
+            if self.scaler is not None:
+                self.scaler.load_state_dict(state["scaler"])
         except (RuntimeError, ValueError, KeyError, TypeError) as err:
             reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise CheckpointError(path, f"was written for another model or method ({reason})") from err
@@ -379,7 +426,11 @@ class Trainer:
             x = tuple(t[:keep] for t in x) if isinstance(x, (tuple, list)) else x[:keep]
             y = y[:keep]
         x, y = dist_utils.shard_batch(x, y)
-        metrics = self.pruner.train_step(_to(x, self.device), y.to(self.device), self.optimizer)
+        scaler = {"scaler": self.scaler} if self.scaler is not None else {}
+        with self.autocast():
+            metrics = self.pruner.train_step(_to(x, self.device), y.to(self.device), self.optimizer, **scaler)
+        if self.scaler is not None:
+            self.scaler.update()
         self.scheduler.step()
         self.batch += 1
         self.step += 1
@@ -394,7 +445,8 @@ class Trainer:
         if not self.epoch_ended:
             on_epoch_end = getattr(self.pruner, "on_epoch_end", None)
             if on_epoch_end is not None:
-                on_epoch_end()
+                with self.autocast():
+                    on_epoch_end()
             self.epoch_ended = True
             self.save()
         result = self.evaluate()
@@ -424,16 +476,24 @@ class Trainer:
             _write_line(f"resuming from {self.resumed_from} (epoch {min(self.epoch + 1, self.epochs)}/"
                         f"{self.epochs}, step {self.step}/{self.total_steps})")
 
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The run's precision as a context: :func:`torch.autocast` on the run's device to bf16 or fp16, nothing
+        for fp32."""
+        dtype = _AUTOCAST_DTYPES.get(self.config.precision)
+        return torch.autocast(self.device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
     # ------------------------------------------------------------------ evaluation
     def evaluate(self) -> dict:
-        """Recalibrate the hard path's BN statistics, then soft and hard accuracy, gap and FLOPs ratio.
+        """Recalibrate the hard path's BN statistics, then soft and hard accuracy, gap and FLOPs ratio (both in the
+        run's precision).
 
         The result holds no wall-clock values, so the metric records of a resumed run equal an uninterrupted
         run's exactly.
         """
         self._average_buffers()
-        self.pruner.recalibrate_bn(self._calibration_batches(), self.config.recalibrate_batches)
-        out = self._evaluate_paths()
+        with self.autocast():
+            self.pruner.recalibrate_bn(self._calibration_batches(), self.config.recalibrate_batches)
+            out = self._evaluate_paths()
         out["hard_flops_ratio"] = self.pruner.flops("hard") / self.pruner.flops("full")
         cfg = getattr(self.pruner, "config", None)
         if getattr(cfg, "target_flops", None) is not None:

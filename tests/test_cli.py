@@ -359,6 +359,9 @@ def no_work(monkeypatch):
     (["--schedule", "constant", "--lr-step-epochs", "3"], "--lr-step-epochs: applies to --schedule step only"),
     (["--schedule", "step", "--lr-gamma", "0"], "--lr-gamma must be in (0, 1], got 0.0"),
     (["--schedule", "step", "--lr-step-epochs", "0"], "setting 'lr_step_epochs' must be >= 1"),
+    (["--precision", "half"], "--precision: setting 'precision' must be one of fp32, bf16, fp16, got 'half'"),
+    (["--precision", "fp16"], "--precision fp16: fp16 needs a gradient scaler, and S2HPruner.train_step takes none"),
+    (["--method", "stp", "--precision", "fp16"], "--precision fp16: fp16 trains on CUDA devices only, not on cpu"),
 ])
 def test_settings_are_refused_before_any_work(capsys, tmp_path, no_work, argv, message):
     assert message in error_of(capsys, ["prune", *argv, "--out", str(tmp_path / "run")])
@@ -523,14 +526,15 @@ def test_eval_of_a_damaged_pruned_model_is_one_line(run, tmp_path, capsys):
 
 def test_training_settings_reach_the_trainer(user_models, tmp_path, capsys):
     """--schedule step with its period and factor: the trainer decays lr at the start of every epoch (steps capped
-    by --max-steps-per-epoch), and config.json records the settings."""
+    by --max-steps-per-epoch); --precision bf16; config.json records the settings."""
     from s2hk.metrics import read_metrics
 
     out = tmp_path / "run"
     code, _ = run_quietly(["prune", *QUICK, "--epochs", "2", "--out", str(out), "--schedule", "step",
-                           "--lr-step-epochs", "1", "--lr-gamma", "0.5"])
+                           "--lr-step-epochs", "1", "--lr-gamma", "0.5", "--precision", "bf16"])
     assert code == 0, capsys.readouterr().err
     config = json.loads((out / "config.json").read_text())
     assert (config["schedule"], config["lr_step_epochs"], config["lr_gamma"]) == ("step", 1, 0.5)
     assert (config["train"]["schedule"], config["train"]["step_epochs"], config["train"]["gamma"]) == ("step", 1, 0.5)
+    assert config["precision"] == config["train"]["precision"] == "bf16"
     assert [r["lr"] for r in read_metrics(out, "step")] == [0.05, 0.05, 0.025, 0.025]

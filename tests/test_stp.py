@@ -300,3 +300,26 @@ def test_cli_prune_stp(tmp_path):
                  "--set", "population=4", "--set", "generations=1", "--out", str(out), "--no-progress"]) == 0
     assert main(["prune", "--method", "stp", "--set", "mask_lr=3", "--out", str(tmp_path / "bad"),
                  "--no-progress"]) == 2
+
+
+@pytest.mark.parametrize("phase", ["joint", "hard"])
+def test_a_gradient_scaler_scales_every_loss_and_skips_non_finite_steps(phase):
+    """train_step(scaler=...) (fp16 training): the losses scaled by a power of two and the gradients unscaled before
+    the step give exactly the unscaled step's weights; a step whose gradients are not finite is skipped."""
+    ((x, y),) = batches(1)
+
+    def stepped(inputs: torch.Tensor, scaler=None) -> list[torch.Tensor]:
+        p = make()
+        p.set_phase(phase)
+        opt = torch.optim.SGD(p.weight_parameters(), lr=0.05, momentum=0.9)
+        p.train_step(inputs, y, opt, **({"scaler": scaler} if scaler is not None else {}))
+        return [w.detach().clone() for w in p.weight_parameters()]
+
+    plain = stepped(x)
+    scaled = stepped(x, torch.amp.GradScaler("cpu", init_scale=2.0 ** 12))
+    assert all(torch.equal(a, b) for a, b in zip(plain, scaled))
+    assert not all(torch.equal(a, b.detach()) for a, b in zip(plain, make().weight_parameters()))  # a real step
+    broken = x.clone()
+    broken[0] = float("nan")
+    skipped = stepped(broken, torch.amp.GradScaler("cpu"))
+    assert all(torch.equal(a, b.detach()) for a, b in zip(skipped, make().weight_parameters()))

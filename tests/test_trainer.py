@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from s2hk import S2HPruner
-from s2hk.checkpoint import CheckpointError, list_checkpoints, save_checkpoint
+from s2hk.checkpoint import CheckpointError, list_checkpoints, load_checkpoint, save_checkpoint
 from s2hk.data import DatasetError, make_loaders
 from s2hk.metrics import read_metrics
 from s2hk.trainer import TrainConfig, Trainer, cosine_schedule, step_schedule
@@ -344,3 +344,98 @@ def test_step_schedule_decays_at_epoch_starts_and_resumes_bit_identically(tmp_pa
     resumed.fit()
     assert_same_run(snapshot(reference_run), snapshot(resumed))
     assert metric_lines(out) == metric_lines(ref_dir)
+
+
+# ------------------------------------------------------------------ mixed precision
+
+def autocast_dtypes(trainer: Trainer) -> list:
+    """Spy on the pruner: the CPU autocast dtype (None when off) at every train_step, BN recalibration,
+    evaluation and end-of-epoch hook call, in order."""
+    seen = []
+    for name in ("train_step", "recalibrate_bn", "evaluate", "on_epoch_end"):
+        method = getattr(trainer.pruner, name, None)
+        if method is None:
+            continue
+
+        def spy(*args, _method=method, _name=name, **kwargs):
+            on = torch.is_autocast_enabled("cpu")
+            seen.append((_name, torch.get_autocast_dtype("cpu") if on else None))
+            return _method(*args, **kwargs)
+
+        setattr(trainer.pruner, name, spy)
+    return seen
+
+
+@pytest.mark.parametrize("precision, dtype", [("fp32", None), ("bf16", torch.bfloat16)])
+def test_steps_and_evaluations_run_in_the_precision(precision, dtype):
+    trainer = make_trainer(None, precision=precision)
+    seen = autocast_dtypes(trainer)
+    trainer.fit(stop_after_steps=STEPS_PER_EPOCH + 1)
+    assert {name for name, _ in seen} >= {"train_step", "recalibrate_bn", "evaluate"}
+    assert [d for _, d in seen] == [dtype] * len(seen)
+
+
+def test_bf16_resume_is_bit_identical(tmp_path):
+    ref_dir = tmp_path / "reference"
+    reference_run = make_trainer(ref_dir, precision="bf16")
+    reference_run.fit()
+    out = tmp_path / "interrupted"
+    make_trainer(out, checkpoint_every=3, precision="bf16").fit(stop_after_steps=11)
+    resumed = make_trainer(out, checkpoint_every=3, precision="bf16")
+    resumed.fit()
+    assert_same_run(snapshot(reference_run), snapshot(resumed))
+    assert metric_lines(out) == metric_lines(ref_dir)
+    # bf16 changes the numbers: an fp32 run refuses its checkpoints
+    with pytest.raises(CheckpointError, match="precision bf16, this one trains in fp32"):
+        make_trainer(out).fit()
+
+
+def tiny_stp(**overrides):
+    from s2hk import STPruner
+
+    return STPruner(tiny_model(), torch.zeros(1, 3, 8, 8), target_flops=0.5, total_epochs=2, population=2,
+                    generations=0, **overrides)
+
+
+def test_fp16_is_refused_where_it_cannot_train():
+    with pytest.raises(ValueError, match=r"precision fp16: fp16 needs a gradient scaler, and "
+                                         r"S2HPruner.train_step takes none .*use bf16"):
+        make_trainer(None, precision="fp16")
+    train, val = make_loaders("synthetic", batch_size=16, image_size=8, seed=0, train_size=32, val_size=16)
+    with pytest.raises(ValueError, match="precision fp16: fp16 trains on CUDA devices only, not on cpu; use bf16"):
+        Trainer(tiny_stp(), train, val, epochs=1, config=TrainConfig(precision="fp16", progress=False))
+    with pytest.raises(ValueError, match="precision must be one of fp32, bf16, fp16"):
+        TrainConfig(precision="half")
+
+
+@pytest.mark.gpu
+def test_fp16_stp_run_on_cuda_steps_through_the_gradient_scaler(tmp_path):
+    """fp16 on a GPU: every STP step runs under fp16 autocast and gets the trainer's gradient scaler, whose state
+    the checkpoints carry and a resumed trainer restores. (Bit-identical resumption is tested with bf16 on the CPU:
+    CUDA kernels need not be deterministic.)"""
+    train, val = make_loaders("synthetic", batch_size=16, image_size=8, seed=0, train_size=64, val_size=32)
+
+    def make() -> Trainer:
+        torch.manual_seed(0)
+        config = TrainConfig(lr=0.05, progress=False, recalibrate_batches=2, precision="fp16")
+        return Trainer(tiny_stp().to("cuda"), train, val, epochs=2, config=config, out_dir=tmp_path)
+
+    first = make()
+    seen = []
+    step = first.pruner.train_step
+
+    def spy(x, y, optimizer, scaler=None):
+        seen.append((torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None, scaler))
+        return step(x, y, optimizer, scaler=scaler)
+
+    first.pruner.train_step = spy
+    first.fit(stop_after_steps=5)  # the checkpoint of step 4 ends the first epoch
+    assert seen == [(torch.float16, first.scaler)] * 5
+    saved = load_checkpoint(list_checkpoints(tmp_path / "checkpoints")[-1])
+    assert saved["precision"] == "fp16" and saved["scaler"]["scale"] > 0
+    resumed = make()
+    resumed.resume_if_possible()
+    assert resumed.step == 4 and resumed.scaler.state_dict() == saved["scaler"]
+    resumed.fit()
+    assert resumed.step == 8
+    assert all(torch.isfinite(p).all() for p in resumed.pruner.weight_parameters())
