@@ -73,3 +73,25 @@ def test_stp_prunes_searches_and_exports(name):
     torch.testing.assert_close(first, second, rtol=0, atol=0)
     torch.testing.assert_close(first, hard, rtol=1e-4, atol=1e-5)
     assert pruner.flops("hard") == torch_flops(small, x[:1])
+
+
+@pytest.mark.parametrize("structure", ["layers", "groups"])
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_crsfp_prunes_trains_and_exports(name, structure):
+    """CR-SFP on the same models, masking every block conv on its own (the authors' way) or whole channel
+    groups: a step on two views, then the P-NN's export equals the hard path, with torch's FLOPs count."""
+    torch.manual_seed(0)
+    model = randomise_norms(ZOO[name]()).train()
+    x = torch.randn(4, 3, SIZE, SIZE)
+    y = torch.randint(0, 10, (4,))
+    pruner = s2hk.CRSFPruner(model, x[:1], prune_rate=0.3, structure=structure)
+    opt = torch.optim.SGD(pruner.weight_parameters(), lr=0.01)
+    pruner.train_step((x, x.flip(3)), y, opt)
+    pruner.on_epoch_end()
+    pruner.eval()
+    small = pruner.export().eval()
+    with torch.no_grad():
+        first, second, hard = small(x), small(x), pruner(x, path="hard")
+    torch.testing.assert_close(first, second, rtol=0, atol=0)
+    torch.testing.assert_close(first, hard, rtol=1e-4, atol=1e-5)
+    assert pruner.flops("hard") == torch_flops(small, x[:1]) <= torch_flops(model, x[:1])
