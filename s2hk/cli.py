@@ -45,6 +45,12 @@ LATEST = "latest"        # RUNS_DIR / LATEST points to the newest run folder
 # down (2 of the default 12; none below 6 epochs), and always leaving at least one joint epoch.
 WARMUP_FRACTION = 1 / 6
 
+# Held-out training images of STP's search when --search-holdout is not given: this fraction of the training
+# images, at most this many batches of them (5% of digits' 1438 training images: 72; of CIFAR's 50000 at batch
+# 128: 512).
+SEARCH_HOLDOUT_FRACTION = 0.05
+SEARCH_HOLDOUT_BATCHES = 4
+
 DEFAULTS: dict[str, Any] = {
     "method": "s2h",
     "model": "resnet56",
@@ -63,6 +69,7 @@ DEFAULTS: dict[str, Any] = {
     "lr_step_epochs": 30,   # --schedule step only (None in config.json otherwise)
     "lr_gamma": 0.1,        # --schedule step only (None in config.json otherwise)
     "precision": "fp32",
+    "search_holdout": None,  # stp: images (>= 1) or a fraction; None: the default above; 0: none
     "seed": 0,
     "device": "cpu",
     "threads": 0,
@@ -81,6 +88,7 @@ DEFAULTS: dict[str, Any] = {
 # Settings whose value type is not the type of their default.
 _NULLABLE_STR = {"data_root", "out"}
 _NULLABLE_INT = {"warmup_epochs"}
+_NULLABLE_NUMBER = {"search_holdout"}
 _FLOAT_SETTINGS = {"target_flops", "prune_rate", "lr", "weight_decay", "lr_gamma"}
 _NON_NEGATIVE = {"warmup_epochs", "hard_epochs", "seed", "threads", "num_workers", "max_steps_per_epoch",
                  "recalibrate_batches", "checkpoint_every"}
@@ -165,6 +173,8 @@ def _check_setting(key: str, value: Any, where: str) -> Any:
         ok = value is None or isinstance(value, str)
     elif key in _NULLABLE_INT:
         ok = value is None or (isinstance(value, int) and not isinstance(value, bool))
+    elif key in _NULLABLE_NUMBER:
+        ok = value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
     elif key in _FLOAT_SETTINGS:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         value = float(value) if ok else value
@@ -178,16 +188,26 @@ def _check_setting(key: str, value: Any, where: str) -> Any:
         ok = isinstance(value, str)
     if not ok:
         expected = ("a string or null" if key in _NULLABLE_STR else "int or null" if key in _NULLABLE_INT
-                    else type(default).__name__)
+                    else "a number or null" if key in _NULLABLE_NUMBER else type(default).__name__)
         raise UsageError(f"{where}: setting {key!r} must be {expected}, got {value!r}")
     if key in _POSITIVE and value < 1:
         raise UsageError(f"{where}: setting {key!r} must be >= 1, got {value}")
     if key in _NON_NEGATIVE and value is not None and value < 0:
         raise UsageError(f"{where}: setting {key!r} must be >= 0, got {value}")
+    if key == "search_holdout" and value is not None:
+        value = _holdout_setting(value, where)
     choices = _choices().get(key)
     if choices is not None and value not in choices:
         raise UsageError(f"{where}: setting {key!r} must be one of {', '.join(choices)}, got {value!r}")
     return value
+
+
+def _holdout_setting(value: float, where: str) -> float:
+    """``--search-holdout``: a number of images (an integer >= 1, as an int), a fraction in (0, 1) or 0 (none)."""
+    if value < 0 or (value >= 1 and value != int(value)):
+        raise UsageError(f"{where}: setting 'search_holdout' must be a number of images (an integer >= 1), a "
+                         f"fraction in (0, 1) or 0 (none), got {value!r}")
+    return int(value) if value >= 1 or value == 0 else float(value)
 
 
 def _choices() -> dict[str, tuple[str, ...]]:
@@ -261,6 +281,11 @@ def _refuse_unused(cfg: dict, explicit: set[str]) -> None:
             raise UsageError(f"--prune-rate: method {method} prunes to a FLOPs target (--target-flops); "
                              f"--prune-rate is for {' / '.join(_RATE_METHODS)}")
         cfg["prune_rate"] = None
+    if method != "stp":
+        if "search_holdout" in explicit and cfg["search_holdout"] is not None:
+            raise UsageError(f"--search-holdout: method {method} has no search; it sets training images aside for "
+                             "stp's search")
+        cfg["search_holdout"] = None
     try:
         spec = DATASETS[canonical_name(cfg["dataset"])]
     except ValueError as err:
@@ -527,9 +552,13 @@ def _resolve_device(name: str) -> Any:
     return device
 
 
-def _make_loaders(cfg: dict, device: Any, val_batch_size: Optional[int] = None) -> tuple[Any, Any]:
-    """The run's deterministic (train, val) loaders (two augmented views per image for crsfp; unreadable image
-    files left out with ``skip_bad_files``); bad dataset names and sizes become UsageErrors."""
+def _make_loaders(cfg: dict, device: Any, val_batch_size: Optional[int] = None,
+                  search_holdout: bool = False) -> tuple[Any, Any, Any]:
+    """The run's deterministic ``(train, val, held_out)`` loaders (two augmented views per image for crsfp;
+    unreadable image files left out with ``skip_bad_files``). ``held_out``: with ``search_holdout``, the training
+    images ``cfg["search_holdout"]`` sets aside for STP's search (None: :data:`SEARCH_HOLDOUT_FRACTION` of them,
+    at most :data:`SEARCH_HOLDOUT_BATCHES` batches), removed from ``train``; else None. Bad dataset names,
+    sizes and held-out parts become UsageErrors."""
     from .data import DatasetError, make_loaders
 
     extra: dict[str, Any] = {"device": device} if device.type == "cuda" else {}
@@ -539,13 +568,22 @@ def _make_loaders(cfg: dict, device: Any, val_batch_size: Optional[int] = None) 
         extra["skip_bad_files"] = True
     if val_batch_size is not None:
         extra["val_batch_size"] = val_batch_size
+    if search_holdout:
+        holdout = cfg["search_holdout"]
+        extra.update(holdout=SEARCH_HOLDOUT_FRACTION, holdout_max=SEARCH_HOLDOUT_BATCHES * cfg["batch_size"])
+        if holdout is not None:
+            extra.update(holdout=holdout, holdout_max=None)
     try:
-        return make_loaders(cfg["dataset"], root=cfg["data_root"], batch_size=cfg["batch_size"],
-                            image_size=cfg["image_size"], seed=cfg["seed"], num_workers=cfg["num_workers"], **extra)
+        loaders = make_loaders(cfg["dataset"], root=cfg["data_root"], batch_size=cfg["batch_size"],
+                               image_size=cfg["image_size"], seed=cfg["seed"], num_workers=cfg["num_workers"],
+                               **extra)
     except DatasetError:
         raise
     except (ValueError, TypeError) as err:
+        if search_holdout and str(err).startswith("holdout"):
+            raise UsageError(f"--search-holdout {cfg['search_holdout']}: {_one_line(err)}") from err
         raise UsageError(f"dataset {cfg['dataset']!r}: {_one_line(err)}") from err
+    return loaders if len(loaders) == 3 else (*loaders, None)
 
 
 def _start_distributed(cfg: dict) -> bool:
@@ -589,8 +627,11 @@ def _run_prune(cfg: dict) -> int:
     cfg["world_size"] = world_size()
     device = _resolve_device(cfg["device"])
     torch.manual_seed(cfg["seed"])
-    train, val = _make_loaders(cfg, device)
+    train, val, held_out = _make_loaders(cfg, device, search_holdout=cfg["method"] == "stp")
     pruner = _build_pruner(cfg, train.num_classes, train.info.channels, train.image_size, device)
+    if held_out is not None:
+        pruner.set_search_batches(held_out)
+        cfg["search_holdout"] = held_out.num_samples  # resolved: what config.json records and a resume compares
     out = _claim_run_folder(cfg)
     trainer = Trainer(pruner, train, val, epochs=cfg["epochs"], config=_train_config(cfg), out_dir=out,
                       run_config=cfg, resume_ignore=RESUME_IGNORE, other_outputs=_RUN_OUTPUTS + PLOT_FILES,
@@ -772,7 +813,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     cfg.update({k: v for k, v in (("dataset", args.dataset), ("data_root", args.data_root),
                                   ("image_size", args.image_size)) if v is not None})
     cfg["num_workers"] = 0
-    _, val = _make_loaders(cfg, torch.device("cpu"), val_batch_size=args.batch_size)
+    _, val, _ = _make_loaders(cfg, torch.device("cpu"), val_batch_size=args.batch_size)
     correct = total = 0
     with torch.no_grad():
         for x, y in val:
@@ -912,6 +953,11 @@ def _add_prune_parser(sub: Any) -> None:
                    help="s2h / stp: final epochs training the pruned network alone" + _default("hard_epochs"))
     p.add_argument("--target-flops", dest="target_flops", type=float,
                    help="s2h / stp: remaining FLOPs ratio, e.g. 0.35" + _default("target_flops"))
+    p.add_argument("--search-holdout", dest="search_holdout", type=float,
+                   help="stp: training images set aside (never trained on) to score the search's candidates: a "
+                        "number of images, a fraction of the training set, or 0 for none (scores on the last "
+                        f"training batches) (default: {SEARCH_HOLDOUT_FRACTION:.0%} of the training images, at most "
+                        f"{SEARCH_HOLDOUT_BATCHES} batches)")
     p.add_argument("--prune-rate", dest="prune_rate", type=float,
                    help="crsfp / sfp: fraction of every prunable group's channels masked" + _default("prune_rate"))
     p.add_argument("--lr", type=float, help="initial SGD learning rate (see --schedule)" + _default("lr"))

@@ -43,10 +43,16 @@ probability by one block. Every candidate is repaired to the budget (``|F / F_fu
 at its depths: its widths are scaled by one common factor (bisection), then moved by single ``d_g`` steps (or a
 step up in one group and down in another) while that brings the ratio closer; where the widths cannot reach
 the budget, one stage (at random) gains or loses a block and the widths are repaired again. Fitness is the KD
-loss (KL of the full network's eval-mode distribution to the candidate's, per sample) on the last
-``held_out_batches`` training batches, kept in memory, after re-estimating the candidate's BatchNorm
-statistics from ``calibration_batches`` other remembered batches. The evaluation budget is fixed:
-``population + generations * (population - elite)`` candidates at most. Weights do not change during a search.
+loss (KL of the full network's eval-mode distribution to the candidate's, per sample) on held-out training
+images -- a part of the training split the weights are never trained on, given by
+:meth:`STPruner.set_search_batches` (``s2hk prune`` sets aside ``--search-holdout`` images for it; see
+:func:`s2hk.data.make_loaders`' ``holdout``) -- after re-estimating the candidate's BatchNorm statistics from the
+last ``calibration_batches`` training batches of the steps, kept in memory (statistics need no held-out data:
+they are re-estimated, not learnt; without memory yet, from the held-out batches). Without held-out batches (a
+pruner used directly) the fitness falls back to the last ``held_out_batches`` remembered training batches,
+which the weights were just trained on, and the first search says so in a warning. The evaluation budget is
+fixed: ``population + generations * (population - elite)`` candidates at most. Weights do not change during a
+search.
 
 Hard path with skipped blocks
 -----------------------------
@@ -62,6 +68,7 @@ blocks removed with their weights; no fine-tuning.
 from __future__ import annotations
 
 import math
+import warnings
 from collections import OrderedDict, deque
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Iterable, Optional, Sequence
@@ -104,8 +111,10 @@ class STPConfig:
         min_depth: fewest leading blocks a stage keeps (capped at the stage's number of blocks).
         mutation_prob: per-group (width) and per-stage (depth) probability of a mutation.
         mutation_scale: largest mutation step as a fraction of the group's number of width choices.
-        held_out_batches: remembered training batches the fitness is measured on.
-        calibration_batches: other remembered batches re-estimating each candidate's BN statistics.
+        held_out_batches: without held-out batches (:meth:`STPruner.set_search_batches`): remembered training
+            batches the fitness is measured on instead.
+        calibration_batches: remembered training batches re-estimating each candidate's BN statistics (other
+            than the ``held_out_batches`` ones without held-out batches).
         seed: seed of STP's own random generator (sampling and search; the global RNG is not used).
         granularity, max_choices, ignore, importance, prune_embedding: passed to
             :class:`~s2hk.engine.TwoPathNetwork`.
@@ -245,6 +254,8 @@ class STPruner(TwoPathNetwork):
         self.steps = 0   # training steps taken
         self.generator = torch.Generator().manual_seed(int(cfg.seed))
         self._memory: deque = deque(maxlen=cfg.held_out_batches + cfg.calibration_batches)
+        self._search_batches: list[tuple[Tensor, Tensor]] = []  # held-out training batches of the fitness
+        self._warned_no_search_batches = False
         self._full = [g.channels for g in self.prunable]
         self._step = list(self.gate_layout.granularities)
         self.stages: list[Stage] = find_stages(self.analysis)
@@ -443,11 +454,12 @@ class STPruner(TwoPathNetwork):
         return list(replaced.items())
 
     def _move_state(self, move: TensorMove) -> None:
-        """The engine's state, the remembered batches (network inputs: converted like the network) and no cached
-        hard-path graphs: they hold the two-path graph's attributes as they were before the move, and are rebuilt
-        on first use."""
+        """The engine's state, the remembered and held-out batches (network inputs: converted like the network)
+        and no cached hard-path graphs: they hold the two-path graph's attributes as they were before the move,
+        and are rebuilt on first use."""
         super()._move_state(move)
         self._memory = deque(((move.convert(x), move.convert(y)) for x, y in self._memory), maxlen=self._memory.maxlen)
+        self._search_batches = [(move.convert(x), move.convert(y)) for x, y in self._search_batches]
         self._depth_modules.clear()
 
     def _depth_module(self, adds: frozenset[str]) -> fx.GraphModule:
@@ -562,8 +574,30 @@ class STPruner(TwoPathNetwork):
         return super().forward(*inputs, path=path)
 
     # ------------------------------------------------------------------ search
+    def set_search_batches(self, batches: Iterable[tuple[Any, Tensor]]) -> None:
+        """Measure the search's fitness on ``batches`` ``(x, y)`` (``x`` ``(B, C, H, W)``, or views of which the
+        first is used; ``y`` ``(B,)``): held-out training images that no step trains on (e.g. the third loader of
+        :func:`s2hk.data.make_loaders` with ``holdout``). They are kept on the network's device and are not part
+        of :meth:`pruning_state` (give them again before resuming); the memory of training batches then keeps the
+        last ``calibration_batches`` only, for BN statistics."""
+        move = self._load_move()
+        held = [(move.convert(x[0] if isinstance(x, (tuple, list)) else x), move.convert(y)) for x, y in batches]
+        if not held:
+            raise ValueError("set_search_batches: no batches given; the search needs at least one held-out batch")
+        self._search_batches = held
+        self._memory = deque(self._memory, maxlen=self.config.calibration_batches)
+
     def _split_memory(self) -> tuple[list, list]:
+        """(calibration batches, fitness batches) of a search (see the module docstring)."""
         batches = list(self._memory)
+        if self._search_batches:
+            return batches or self._search_batches, self._search_batches
+        if batches and not self._warned_no_search_batches:
+            self._warned_no_search_batches = True
+            warnings.warn("STPruner: no held-out batches (set_search_batches): the search scores candidates on the "
+                          f"last {self.config.held_out_batches} remembered training batches, which the weights were "
+                          "just trained on; s2hk prune sets training images aside for it (--search-holdout)",
+                          UserWarning, stacklevel=2)
         held = batches[-self.config.held_out_batches:]
         calib = batches[:len(batches) - len(held)] or held
         return calib, held
@@ -607,7 +641,7 @@ class STPruner(TwoPathNetwork):
     def search(self) -> Optional[dict]:
         """KD-guided evolutionary search at the target budget; updates :attr:`best` (pinned, its BN statistics
         re-estimated). Returns ``{"widths", "depths", "kd", "flops_ratio", "evaluations"}`` (widths by group,
-        depths by stage name), or None without remembered batches."""
+        depths by stage name), or None without batches to score on (no held-out batches and no step yet)."""
         cfg = self.config
         calib, held = self._split_memory()
         if not held or not (self.prunable or self.stages):

@@ -362,6 +362,10 @@ def no_work(monkeypatch):
     (["--precision", "half"], "--precision: setting 'precision' must be one of fp32, bf16, fp16, got 'half'"),
     (["--precision", "fp16"], "--precision fp16: fp16 needs a gradient scaler, and S2HPruner.train_step takes none"),
     (["--method", "stp", "--precision", "fp16"], "--precision fp16: fp16 trains on CUDA devices only, not on cpu"),
+    (["--search-holdout", "0.1"], "--search-holdout: method s2h has no search; it sets training images aside for stp"),
+    (["--method", "stp", "--search-holdout", "1.5"], "--search-holdout: setting 'search_holdout' must be a number of "
+                                                     "images (an integer >= 1), a fraction in (0, 1) or 0 (none)"),
+    (["--method", "stp", "--search-holdout", "-1"], "setting 'search_holdout' must be a number of images"),
 ])
 def test_settings_are_refused_before_any_work(capsys, tmp_path, no_work, argv, message):
     assert message in error_of(capsys, ["prune", *argv, "--out", str(tmp_path / "run")])
@@ -381,6 +385,14 @@ def test_settings_a_method_uses_are_accepted(no_work):
     cfg = resolved("--method", "crsfp", "--schedule", "step", "--lr-step-epochs", "3", "--lr-gamma", "0.5")
     assert (cfg["schedule"], cfg["lr_step_epochs"], cfg["lr_gamma"]) == ("step", 3, 0.5)
     assert resolved("--schedule", "step")["lr_step_epochs"] == 30 and resolved("--schedule", "step")["lr_gamma"] == 0.1
+    assert resolved("--method", "stp", "--search-holdout", "100")["search_holdout"] == 100
+    assert resolved("--method", "stp", "--search-holdout", "0.1")["search_holdout"] == 0.1
+    assert resolved("--method", "stp")["search_holdout"] is None and resolved()["search_holdout"] is None
+
+
+def test_a_held_out_part_taking_every_training_image_is_refused(capsys, tmp_path):
+    err = error_of(capsys, ["prune", "--method", "stp", "--search-holdout", "5000", "--out", str(tmp_path / "run")])
+    assert "--search-holdout 5000: holdout of 5000 images leaves none of the 1438 training images" in err
 
 
 def test_prune_help_shows_defaults_and_exit_codes(capsys):

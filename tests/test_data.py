@@ -14,8 +14,8 @@ import pytest
 import torch
 from PIL import Image
 
-from s2hk.data import (DATASETS, DatasetError, canonical_name, get_augmentation, load_dataset, load_digits,
-                       make_loaders, stratified_split)
+from s2hk.data import (DATASETS, DatasetError, FileSplit, canonical_name, get_augmentation, holdout_split,
+                       load_dataset, load_digits, make_loaders, stratified_split)
 from s2hk.data.augment import (augment_two_views, crop_padded, resize_center_crop, resized_crop,
                                sample_resized_crop_boxes)
 from s2hk.data.digits import read_digits
@@ -455,6 +455,49 @@ def test_registry_and_options():
     on_cpu, _ = make_loaders("synthetic", batch_size=16, num_classes=5, channels=1, image_size=12,
                              train_size=64, val_size=20, device="cpu")
     assert _batches_equal(next(iter(on_cpu)), (x, y))
+
+
+
+def _image_keys(loader) -> list[bytes]:
+    """Every image of an in-memory loader's split, as bytes (in split order)."""
+    return [image.numpy().tobytes() for image in loader.source.images]
+
+
+def test_holdout_leaves_the_training_loader_as_a_pure_function_of_the_seed():
+    """holdout takes training images (not validation ones) out of the training loader into a third, evaluation-
+    transformed loader: disjoint, together the whole training split, the same for the same seed."""
+    full, val = make_loaders("synthetic", batch_size=16, seed=3, train_size=200, val_size=40)
+    train, val_h, held = make_loaders("synthetic", batch_size=16, seed=3, train_size=200, val_size=40, holdout=0.1)
+    assert (train.num_samples, held.num_samples, val_h.num_samples) == (180, 20, 40)
+    assert len(train) == 180 // 16 and len(held) == 2 and not held.train  # 16 + 4: the last batch is kept
+    kept, out = _image_keys(train), _image_keys(held)
+    assert not set(kept) & set(out) and sorted(kept + out) == sorted(_image_keys(full))
+    assert _image_keys(val_h) == _image_keys(val)
+    batches = list(held)
+    assert [y.shape[0] for _, y in batches] == [16, 4]
+    assert all(_batches_equal(a, b) for a, b in zip(batches, held))  # no augmentation: every pass the same
+    _, _, again = make_loaders("synthetic", batch_size=16, seed=3, train_size=200, val_size=40, holdout=0.1)
+    assert _image_keys(again) == out
+    _, _, other = make_loaders("synthetic", batch_size=16, seed=4, train_size=200, val_size=40, holdout=0.1)
+    assert _image_keys(other) != out
+    _, _, counted = make_loaders("synthetic", batch_size=16, seed=3, train_size=200, holdout=24)
+    _, _, capped = make_loaders("synthetic", batch_size=16, seed=3, train_size=200, holdout=0.5, holdout_max=10)
+    assert (counted.num_samples, capped.num_samples) == (24, 10)
+
+
+@pytest.mark.parametrize("holdout, message", [(1.5, "fraction in \\(0, 1\\)"), (-1, "integer >= 0"),
+                                              (True, "got True"), (200, "leaves none of the 200")])
+def test_bad_holdout_is_refused(holdout, message):
+    with pytest.raises(ValueError, match=message):
+        make_loaders("synthetic", batch_size=16, train_size=200, holdout=holdout)
+
+
+def test_holdout_of_a_file_split_keeps_the_skipped_files_with_the_rest():
+    split = FileSplit([f"img{i}.png" for i in range(10)], torch.arange(10), ["bad.png"], True)
+    rest, held = holdout_split(split, 3, seed=0)
+    assert len(held) == 3 and sorted(rest.files + held.files) == sorted(split.files)
+    assert [int(y) for y in held.labels] == [int(f[3:-4]) for f in held.files]
+    assert rest.skipped == ["bad.png"] and held.skipped == [] and held.skip_unreadable
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -284,11 +285,14 @@ def test_pruning_state_round_trip():
         q.load_pruning_state(state)
 
 
-def test_cli_prune_stp(tmp_path):
+def test_cli_prune_stp(tmp_path, recwarn):
     out = tmp_path / "run"
     assert main(["prune", "--method", "stp", "--epochs", "1", "--warmup-epochs", "0", "--image-size", "8",
                  "--max-steps-per-epoch", "3", "--batch-size", "16", "--recalibrate-batches", "2",
                  "--set", "population=4", "--set", "generations=1", "--out", str(out), "--no-progress"]) == 0
+    # the search scored on held-out training images: 5% of digits' 1438, at most 4 batches of 16
+    assert json.loads((out / "config.json").read_text())["search_holdout"] == 64
+    assert not [w for w in recwarn if "no held-out batches" in str(w.message)]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["method"] == "stp" and summary["target_flops"] == 0.35
     assert abs(summary["remaining_flops"] - 0.35) <= 0.01
@@ -323,3 +327,33 @@ def test_a_gradient_scaler_scales_every_loss_and_skips_non_finite_steps(phase):
     broken[0] = float("nan")
     skipped = stepped(broken, torch.amp.GradScaler("cpu"))
     assert all(torch.equal(a, b.detach()) for a, b in zip(skipped, make().weight_parameters()))
+
+
+
+def test_search_scores_on_the_held_out_batches_and_calibrates_on_remembered_ones(monkeypatch):
+    """With held-out batches the fitness (the teacher's and every candidate's KD) is measured on them, BN statistics
+    are re-estimated from the last calibration_batches training batches; without them the search falls back to
+    remembered training batches and warns once."""
+    p = make(population=2, generations=0, held_out_batches=2, calibration_batches=2)
+    opt = torch.optim.SGD(p.weight_parameters(), lr=0.05)
+    trained = batches(5)
+    for x, y in trained:
+        p.train_step(x, y, opt)
+    scored, calibrated = [], []
+    teacher, recalibrate = p._teacher, p.recalibrate_norms
+    monkeypatch.setattr(p, "_teacher", lambda held: scored.append(held) or teacher(held))
+    monkeypatch.setattr(p, "recalibrate_norms",
+                        lambda b, n, paths: calibrated.append(list(b)[:n]) or recalibrate(b, n, paths))
+    with pytest.warns(UserWarning, match="no held-out batches .* remembered training batches"):
+        p.search()
+    assert [torch.equal(x, t[0]) for (x, _), t in zip(scored[-1], trained[-2:])] == [True, True]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        p.search()  # said once
+    held_out = batches(2, seed=7)
+    p.set_search_batches(held_out)
+    p.search()
+    assert [torch.equal(x, h[0]) for (x, _), h in zip(scored[-1], held_out)] == [True, True]
+    assert all([torch.equal(x, t[0]) for (x, _), t in zip(c, trained[-2:])] == [True, True] for c in calibrated[-3:])
+    with pytest.raises(ValueError, match="no batches given"):
+        p.set_search_batches([])

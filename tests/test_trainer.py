@@ -397,6 +397,32 @@ def tiny_stp(**overrides):
                     generations=0, **overrides)
 
 
+def make_stp_trainer(out_dir: Path, checkpoint_every: int = 0) -> Trainer:
+    """An STP run whose search scores on 16 held-out training images (two epochs of four steps)."""
+    torch.manual_seed(0)
+    train, val, held = make_loaders("synthetic", batch_size=16, image_size=8, seed=0, train_size=80, val_size=32,
+                                    holdout=16)
+    pruner = tiny_stp()
+    pruner.set_search_batches(held)
+    config = TrainConfig(lr=0.05, progress=False, recalibrate_batches=2, checkpoint_every=checkpoint_every)
+    return Trainer(pruner, train, val, epochs=2, config=config, out_dir=out_dir)
+
+
+def test_stp_searching_on_held_out_batches_resumes_bit_identically(tmp_path):
+    reference_run = make_stp_trainer(tmp_path / "reference")
+    reference_run.fit()
+    out = tmp_path / "interrupted"
+    make_stp_trainer(out, checkpoint_every=3).fit(stop_after_steps=7)
+    resumed = make_stp_trainer(out, checkpoint_every=3)
+    resumed.fit()
+    assert resumed.resumed_from.name == "checkpoint-000000006.pt" and resumed.step == reference_run.step == 8
+    assert resumed.pruner.best == reference_run.pruner.best and resumed.pruner.best_kd == reference_run.pruner.best_kd
+    for key, value in reference_run.pruner.model.state_dict().items():
+        assert torch.equal(value, resumed.pruner.model.state_dict()[key]), key
+    assert resumed.history == reference_run.history
+    assert metric_lines(out) == metric_lines(tmp_path / "reference")
+
+
 def test_fp16_is_refused_where_it_cannot_train():
     with pytest.raises(ValueError, match=r"precision fp16: fp16 needs a gradient scaler, and "
                                          r"S2HPruner.train_step takes none .*use bf16"):

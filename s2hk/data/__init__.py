@@ -23,7 +23,7 @@ from .errors import DatasetError
 from .folders import decode_image, load_image_folder, load_tiny_imagenet
 from .loader import DatasetInfo, FileBatches, Loader, TensorBatches
 from .registry import DATASETS, DatasetSpec, canonical_name, load_dataset, make_loaders
-from .splits import DatasetBundle, FileSplit, TensorSplit
+from .splits import DatasetBundle, FileSplit, TensorSplit, holdout_split
 from .synthetic import load_synthetic
 
 __all__ = [
@@ -40,6 +40,7 @@ __all__ = [
     "DatasetBundle",
     "TensorSplit",
     "FileSplit",
+    "holdout_split",
     "load_digits",
     "stratified_split",
     "load_cifar",

@@ -13,7 +13,7 @@ from .digits import load_digits
 from .errors import DatasetError
 from .folders import load_image_folder, load_tiny_imagenet
 from .loader import DatasetInfo, FileBatches, Loader, TensorBatches
-from .splits import DatasetBundle, TensorSplit
+from .splits import DatasetBundle, TensorSplit, holdout_count, holdout_split
 from .synthetic import load_synthetic
 
 __all__ = ["DatasetSpec", "DATASETS", "canonical_name", "load_dataset", "make_loaders"]
@@ -107,9 +107,10 @@ def _source(split, augment: Augmentation, size: int, bundle: DatasetBundle, devi
 
 
 def make_loaders(name: str, root: str | None = None, batch_size: int = 64, image_size: int | None = None,
-                 seed: int = 0, num_workers: int = 0, two_views: bool = False,
-                 **kwargs: Any) -> tuple[Loader, Loader]:
-    """Deterministic ``(train, val)`` loaders for a registered dataset.
+                 seed: int = 0, num_workers: int = 0, two_views: bool = False, holdout: int | float = 0,
+                 holdout_max: int | None = None, **kwargs: Any) -> tuple[Loader, ...]:
+    """Deterministic ``(train, val)`` loaders for a registered dataset, and ``(train, val, held_out)`` with a
+    held-out part of the training split.
 
     Args:
         name: a key of :data:`DATASETS` (``digits``, ``cifar10``, ``cifar100``, ``tinyimagenet``,
@@ -121,6 +122,12 @@ def make_loaders(name: str, root: str | None = None, batch_size: int = 64, image
             ``(seed, epoch, b)``.
         num_workers: DataLoader worker processes for file datasets; in-memory datasets ignore it.
         two_views: training batches become ``((x1, x2), y)``, two independent augmentations.
+        holdout: training images set aside for model selection on data the weights are not trained on (STP's
+            search: :meth:`s2hk.stp.STPruner.set_search_batches`), not the validation split: a number of images
+            (int) or a fraction in (0, 1) of the training split (rounded up); 0: none. They are drawn at random,
+            a pure function of ``seed`` (:func:`s2hk.data.splits.holdout_split`), leave the training loader and
+            are served by a third loader, in order, with the evaluation transform, in batches of ``batch_size``.
+        holdout_max: at most this many held-out images (None: no cap).
         **kwargs: ``augment`` / ``eval_transform`` (augmentation names or instances overriding the
             dataset defaults), ``val_batch_size``, ``device`` (keep in-memory images there and augment on
             it), ``pin_memory``, and dataset options (see :func:`load_dataset`; for image-file datasets
@@ -128,8 +135,9 @@ def make_loaders(name: str, root: str | None = None, batch_size: int = 64, image
             :func:`s2hk.data.folders.check_images` and ``Loader.skipped_files``).
 
     Returns:
-        ``(train_loader, val_loader)``; both yield normalised float32 ``(B, C, S, S)`` images and int64
-        labels. Missing or malformed data raises :class:`DatasetError` naming the path.
+        ``(train_loader, val_loader)``, or ``(train_loader, val_loader, held_out_loader)`` when ``holdout`` sets
+        images aside; all yield normalised float32 ``(B, C, S, S)`` images and int64 labels. Missing or
+        malformed data raises :class:`DatasetError` naming the path; a bad ``holdout`` a ValueError.
     """
     spec = DATASETS[canonical_name(name)]
     augment = get_augmentation(kwargs.pop("augment", None) or spec.augment)
@@ -142,8 +150,16 @@ def make_loaders(name: str, root: str | None = None, batch_size: int = 64, image
     info = DatasetInfo(name=spec.name, num_classes=bundle.num_classes, channels=bundle.channels, image_size=size,
                        mean=bundle.mean, std=bundle.std, classes=list(bundle.classes))
     device = torch.device(device) if device is not None else None
-    train = Loader(_source(bundle.train, augment, size, bundle, device), info, batch_size=batch_size, train=True,
+    train_split, held_split = bundle.train, None
+    count = holdout_count(len(bundle.train), holdout, holdout_max)
+    if count:
+        train_split, held_split = holdout_split(bundle.train, count, seed)
+    train = Loader(_source(train_split, augment, size, bundle, device), info, batch_size=batch_size, train=True,
                    seed=seed, two_views=two_views, num_workers=num_workers, pin_memory=pin_memory)
     val = Loader(_source(bundle.val, eval_transform, size, bundle, device), info, batch_size=val_batch_size,
                  train=False, seed=seed, num_workers=num_workers, pin_memory=pin_memory)
-    return train, val
+    if held_split is None:
+        return train, val
+    held_out = Loader(_source(held_split, eval_transform, size, bundle, device), info, batch_size=batch_size,
+                      train=False, seed=seed, num_workers=num_workers, pin_memory=pin_memory)
+    return train, val, held_out

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["mix_seed", "make_generator", "ORDER_STREAM", "AUGMENT_STREAM", "DATA_STREAM", "SPLIT_STREAM"]
+__all__ = ["mix_seed", "make_generator", "ORDER_STREAM", "AUGMENT_STREAM", "DATA_STREAM", "SPLIT_STREAM",
+           "HOLDOUT_STREAM"]
 
 _MASK64 = (1 << 64) - 1
 
@@ -17,6 +18,7 @@ ORDER_STREAM = 0x4F52444552  # "ORDER"
 AUGMENT_STREAM = 0x4155474D  # "AUGM"
 DATA_STREAM = 0x44415441  # "DATA"
 SPLIT_STREAM = 0x53504C54  # "SPLT"
+HOLDOUT_STREAM = 0x484F4C44  # "HOLD"
 
 
 def _splitmix64(x: int) -> int:

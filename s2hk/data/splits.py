@@ -1,13 +1,17 @@
-"""Containers for a loaded dataset: in-memory tensors or lists of image files, plus their statistics."""
+"""Containers for a loaded dataset: in-memory tensors or lists of image files, plus their statistics; a
+deterministic held-out part of a split (:func:`holdout_split`)."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 import torch
 from torch import Tensor
 
-__all__ = ["TensorSplit", "FileSplit", "Split", "DatasetBundle", "channel_stats",
+from .seeding import HOLDOUT_STREAM, make_generator
+
+__all__ = ["TensorSplit", "FileSplit", "Split", "DatasetBundle", "channel_stats", "holdout_count", "holdout_split",
            "IMAGENET_MEAN", "IMAGENET_STD"]
 
 # The usual ImageNet statistics (RGB, pixel values in [0, 1]); used for the lazily decoded folders, where
@@ -67,6 +71,46 @@ class DatasetBundle:
     std: Tensor
     image_size: int | None
     classes: list[str] = field(default_factory=list)
+
+
+def holdout_count(n: int, holdout: Union[int, float], cap: Optional[int] = None) -> int:
+    """How many of ``n`` images a held-out part of ``holdout`` takes: ``holdout`` images (an int >= 0) or that
+    fraction of ``n`` rounded up (a float in (0, 1)), at most ``cap`` images; it must leave an image out of it.
+
+    Raises:
+        ValueError: ``holdout`` is neither, or the held-out part would take every image.
+    """
+    if isinstance(holdout, bool) or not isinstance(holdout, (int, float)) or holdout < 0 or \
+            (isinstance(holdout, float) and holdout >= 1):
+        raise ValueError(f"holdout must be a number of images (an integer >= 0) or a fraction in (0, 1), "
+                         f"got {holdout!r}")
+    if cap is not None and cap < 0:
+        raise ValueError(f"holdout cap must be >= 0 images, got {cap}")
+    count = holdout if isinstance(holdout, int) else math.ceil(holdout * n)
+    count = min(count, cap) if cap is not None else count
+    if count >= n:
+        raise ValueError(f"holdout of {count} images leaves none of the {n} training images to train on")
+    return count
+
+
+def holdout_split(split: Split, count: int, seed: int) -> tuple[Split, Split]:
+    """``split`` cut into ``(rest, held out)``, the held-out part ``count`` images drawn uniformly at random by a
+    generator of its own seeded with ``seed``: a pure function of the split, ``count`` and ``seed``. Both parts
+    keep the split's order; unreadable files left out at listing (``FileSplit.skipped``) stay with the rest."""
+    n = len(split)
+    if not 0 <= count < n:
+        raise ValueError(f"holdout of {count} images must be in 0..{n - 1} for a split of {n} images")
+    held = torch.randperm(n, generator=make_generator(HOLDOUT_STREAM, seed))[:count].sort().values
+    keep = torch.ones(n, dtype=torch.bool)
+    keep[held] = False
+    rest = keep.nonzero().flatten()
+    if isinstance(split, TensorSplit):
+        return (TensorSplit(split.images[rest], split.labels[rest]),
+                TensorSplit(split.images[held], split.labels[held]))
+    files = list(split.files)
+    return (FileSplit([files[i] for i in rest.tolist()], split.labels[rest], list(split.skipped),
+                      split.skip_unreadable),
+            FileSplit([files[i] for i in held.tolist()], split.labels[held], [], split.skip_unreadable))
 
 
 def channel_stats(images: Tensor, chunk: int = 4096) -> tuple[Tensor, Tensor]:
