@@ -568,11 +568,10 @@ def _make_loaders(cfg: dict, device: Any, val_batch_size: Optional[int] = None,
         extra["skip_bad_files"] = True
     if val_batch_size is not None:
         extra["val_batch_size"] = val_batch_size
-    if search_holdout:
-        holdout = cfg["search_holdout"]
+    if search_holdout and cfg["search_holdout"] is None:
         extra.update(holdout=SEARCH_HOLDOUT_FRACTION, holdout_max=SEARCH_HOLDOUT_BATCHES * cfg["batch_size"])
-        if holdout is not None:
-            extra.update(holdout=holdout, holdout_max=None)
+    elif search_holdout:
+        extra["holdout"] = cfg["search_holdout"]
     try:
         loaders = make_loaders(cfg["dataset"], root=cfg["data_root"], batch_size=cfg["batch_size"],
                                image_size=cfg["image_size"], seed=cfg["seed"], num_workers=cfg["num_workers"],

@@ -408,6 +408,27 @@ def test_plan_follows_logits():
     assert net.hard_widths() == {"conv": 3}
 
 
+def test_a_loaded_ranking_is_kept_by_the_next_plan_refresh_only():
+    """load_state_dict plans from the loaded ranks, not from a ranking of the loaded weights (which differ after
+    steps that train the weights without refreshing the plan: warm-up); the refresh after it re-ranks."""
+    def kept(n: TwoPathNetwork) -> list[int]:
+        sel = n.plan.selections[0]
+        return list(range(sel)) if isinstance(sel, int) else sel.tolist()
+
+    net = make(Tiny, X, granularity=1)
+    with torch.no_grad():  # width 3 of 4, the least important channel out
+        net.mask_logits.copy_(torch.tensor([-20.0, 5.0, 0.0, -20.0]))
+        net.refresh_plan()
+        net.model.conv.weight.copy_(net.model.conv.weight.flip(0))  # reverses the ranking, no refresh
+    least = l1_order(net.model.conv.weight)[-1]
+    assert least in kept(net)
+    fresh = make(Tiny, X, granularity=1)
+    fresh.load_state_dict(copy.deepcopy(net.state_dict()))
+    assert torch.equal(fresh.ranks, net.ranks) and kept(fresh) == kept(net)
+    fresh.refresh_plan()
+    assert least not in kept(fresh) and not torch.equal(fresh.ranks, net.ranks)
+
+
 def test_pinned_widths_are_constant_in_gates():
     net = make(Residual, X, granularity=1)
     net.set_hard_widths({"stem": 2})
