@@ -955,7 +955,7 @@ def _add_prune_parser(sub: Any) -> None:
     p.add_argument("--search-holdout", dest="search_holdout", type=float,
                    help="stp: training images set aside (never trained on) to score the search's candidates: a "
                         "number of images, a fraction of the training set, or 0 for none (scores on the last "
-                        f"training batches) (default: {SEARCH_HOLDOUT_FRACTION:.0%} of the training images, at most "
+                        f"training batches) (default: {SEARCH_HOLDOUT_FRACTION:.0%}% of the training images, at most "
                         f"{SEARCH_HOLDOUT_BATCHES} batches)")
     p.add_argument("--prune-rate", dest="prune_rate", type=float,
                    help="crsfp / sfp: fraction of every prunable group's channels masked" + _default("prune_rate"))
