@@ -364,7 +364,8 @@ def test_soft_filter_pruning_runs_on_a_vit(method):
 
     torch.manual_seed(2)
     cls = CRSFPruner if method == "crsfp" else SFPruner
-    pruner = cls(digits_vit(), torch.zeros(1, 3, 8, 8), prune_rate=0.5, prune_embedding=True)
+    # heads and MLP widths are channel groups: the group-structured variant (the per-layer default masks convs)
+    pruner = cls(digits_vit(), torch.zeros(1, 3, 8, 8), prune_rate=0.5, prune_embedding=True, structure="groups")
     opt = torch.optim.SGD(pruner.weight_parameters(), lr=0.05, momentum=0.9)
     x, y = torch.randn(8, 3, 8, 8), torch.randint(0, 10, (8,))
     for _ in range(2):
