@@ -31,13 +31,14 @@ prior pulling ``s`` towards 1; ``c_0`` then makes the prediction at full width e
 
 The width grid of a layer's axis is every width the groups it reads or writes can take (multiples of each
 prunable group's granularity ``d``, frozen groups at full width). Where that grid is larger than the budget
-allows, a subset is sampled: the smallest and largest width, then, for each alignment ``a`` in 64, 32, 16, 8,
-every multiple of ``a`` on the grid *together with its two neighbours on the grid*. Kernels change cost in steps
-at these multiples (a CPU's vector blocks, tensor-core tiles): sampling the multiple and its neighbours puts a
-knot on each side of every step, so the interpolation keeps the step sharp instead of spreading it over the
-gap to the next sample, and it is exact at every sampled width; between knots, where the kernel does the same
-blocked work, it is linear. The coarsest subsets are measured first and refined while the budget lasts; the
-model's :attr:`LatencyModel.metadata` says which alignment was reached.
+allows, a subset is sampled: the smallest and largest width, then, for each alignment ``a`` in 512, 256, ...,
+16, 8, every multiple of ``a`` on the grid *together with its two neighbours on the grid*. Kernels change cost
+in steps at these multiples (a CPU's 8- or 16-lane vector blocks, tensor cores' 8-channel fragments, GEMM tiles
+of 64 to 256 channels): sampling the multiple and its neighbours puts a knot on each side of every step, so
+the interpolation keeps the step sharp instead of spreading it over the gap to the next sample, and it is
+exact at every sampled width; between knots, where the kernel does the same blocked work, it is linear. The
+levels are nested, coarsest first -- on a wide layer the large alignments are also an even coarse grid -- and
+are measured in that order while the budget lasts; :attr:`LatencyModel.metadata` says which was reached.
 
 :meth:`LatencyModel.ratio` is the prediction over the dense latency, differentiable in float widths: it can sit
 where the FLOPs polynomial sits in S2HPruner's regulariser, with the straight-through hard widths; its gradient
@@ -49,6 +50,7 @@ the graph analysis, so a model is measured once per machine and settings.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -87,7 +89,7 @@ MEMORY_FORMATS = ("contiguous", "channels_last")
 CLOCKS = ("wall", "cpu")
 #: The channel counts at which kernels are assumed to change cost in steps, coarsest first (see the module
 #: docstring): each refines the sampled grid of the one before.
-ALIGNMENTS = (64, 32, 16, 8)
+ALIGNMENTS = (512, 256, 128, 64, 32, 16, 8)
 CACHE_FORMAT = "s2hk-latency"
 CACHE_VERSION = 1
 #: Default profiling budgets in seconds: resnet56 on two CPU cores and ResNet-50 on a GPU fit in them.
@@ -246,10 +248,14 @@ class MeasuredTimer:
                 torch.set_num_threads(s.num_threads)
             if s.cudnn_benchmark is not None:
                 torch.backends.cudnn.benchmark = s.cudnn_benchmark
-            if isinstance(probe, LayerProbe):
-                return self._median_time(self._layer_call(probe), self.warmup, self.repeats,
-                                         s.device_type == "cpu")
-            return self._median_time(self._model_call(probe), self.model_warmup, self.model_repeats, False)
+            if s.device_type == "cpu":
+                _settle_allocator()
+            # CUDA events are recorded on the current device's stream: make it the measured device
+            with torch.cuda.device(s.device) if s.device_type == "cuda" else contextlib.nullcontext():
+                if isinstance(probe, LayerProbe):
+                    return self._median_time(self._layer_call(probe), self.warmup, self.repeats,
+                                             s.device_type == "cpu")
+                return self._median_time(self._model_call(probe), self.model_warmup, self.model_repeats, False)
         finally:
             torch.set_num_threads(threads)
             torch.backends.cudnn.benchmark = benchmark
@@ -338,6 +344,25 @@ class MeasuredTimer:
             if len(kept) >= repeats:
                 break
         return kept
+
+
+_ALLOCATOR_SETTLED = False
+
+
+def _settle_allocator() -> None:
+    """Free one 31 MiB block, once per process, before timing on the CPU.
+
+    glibc serves a block above its mmap threshold (128 KiB at start) with a fresh mapping, which costs a page
+    fault per 4 KiB page on first touch and is unmapped when freed; freeing such a block raises the threshold to
+    its size (up to 32 MiB). Until then a convolution of a few MiB can fault its output and scratch buffers in
+    at every call -- about 3 us a page on a virtual machine, as much as the convolution itself -- or at none,
+    depending on the heap's history. A long-running process (a training run) has freed blocks that large long
+    ago; this gives the measurement that state. The block is never touched: it costs no fault."""
+    global _ALLOCATOR_SETTLED
+    if not _ALLOCATOR_SETTLED:
+        del_me = torch.empty(31 * 2 ** 20, dtype=torch.uint8)
+        del del_me
+        _ALLOCATOR_SETTLED = True
 
 
 def _minor_faults() -> int:

@@ -286,3 +286,21 @@ def test_real_timer_runs_on_a_tiny_model(net, mode):
     assert all(torch.equal(a, b) for a, b in zip(params, net.model.parameters()))  # timing trained nothing
     assert all(torch.equal(a, b) for a, b in zip(stats, net.model.buffers()))
     assert all(p.grad is None for p in net.model.parameters())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode,dtype", [("inference", torch.bfloat16), ("train", torch.float32)])
+def test_real_timer_runs_on_cuda(mode, dtype):
+    """The CUDA path: CUDA events, the network's device by default, the ratio on CUDA widths."""
+    net = TwoPathNetwork(Tiny().cuda(), torch.randn(1, 3, 8, 8, device="cuda"), granularity=1)
+    model = LatencyModel.build(net, torch.randn(2, 3, 8, 8, device="cuda"), mode=mode, budget_s=5.0, warmup=1,
+                               repeats=2, calibration=(0.5,), rounds=1, cache=False, progress=False,
+                               memory_format="channels_last", dtype=dtype)
+    assert model.settings.device.startswith("cuda") and model.settings.clock == "wall"
+    assert model.settings.cudnn_benchmark == torch.backends.cudnn.benchmark
+    assert model.dense_latency > 0
+    w = torch.tensor(widths_of(net, stem=8, conv1=12), dtype=torch.float64, device="cuda", requires_grad=True)
+    ratio = model.ratio(w)
+    ratio.backward()
+    assert ratio.device.type == "cuda" and torch.isfinite(w.grad).all()
+    assert model.measure(export_at(net, widths_of(net, stem=8, conv1=12))) > 0
