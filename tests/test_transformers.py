@@ -420,7 +420,7 @@ def test_cli_prunes_a_shipped_transformer(tmp_path, method):
 def test_crsfp_runs_on_the_shipped_swin():
     from s2hk.crsfp import CRSFPruner
 
-    pruner = CRSFPruner(shipped("swin_tiny_cifar"), torch.zeros(1, 3, 16, 16), prune_rate=0.5)
+    pruner = CRSFPruner(shipped("swin_tiny_cifar"), torch.zeros(1, 3, 16, 16), prune_rate=0.5, structure="groups")
     opt = torch.optim.SGD(pruner.weight_parameters(), lr=0.01, momentum=0.9)
     x, y = torch.randn(4, 3, 16, 16), torch.randint(0, 10, (4,))
     pruner.train_step((x, x.flip(-1)), y, opt)
