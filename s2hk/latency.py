@@ -902,7 +902,8 @@ def _measure(net: "TwoPathNetwork", layers: _Layers, inputs: tuple, timer: Timer
     it reports times its calls (``calls``: a layer's and a network's warm-up and timed calls). The ends of every
     axis are measured first; the cost of measuring any other point is estimated by interpolating the costs of
     its table's corners bilinearly, and a calibration export's by the dense one's (an upper bound). The finest
-    alignment level whose estimate fits is planned, and refinement stops early if the real time runs over.
+    alignment level whose estimate fits is planned; if the real time runs over, measuring stops at once and the
+    levels completed are used.
 
     On a machine whose load changes while it is measured, what is measured close in time is comparable: each
     level's points are timed in a shuffled order across the tables (a slow minute slows no table more than
@@ -935,9 +936,13 @@ def _measure(net: "TwoPathNetwork", layers: _Layers, inputs: tuple, timer: Timer
             shuffle(todo)
             return todo
 
-        def measure_points(todo: list[tuple[int, tuple[int, int]]]) -> None:
-            for k, pair in todo:
+        def measure_level(level: int, bounded: bool = True) -> bool:
+            """Measure the points ``level`` adds; False if the budget ran out first (the level is then unused)."""
+            for k, pair in new_points(level):
+                if bounded and time.perf_counter() - start + reserve > budget:
+                    return False
                 points[k][pair] = timed(specs[k].probe(*pair))
+            return True
 
         models = rounds * (1 + len(calibration))
         if bar is not None:
@@ -945,8 +950,8 @@ def _measure(net: "TwoPathNetwork", layers: _Layers, inputs: tuple, timer: Timer
             bar.set_description("latency: dense model and table corners")
         full_export = export_at(net, full)
         first_dense, model_cost = timed(ModelProbe(full_export, inputs, tuple(full)))
-        measure_points(new_points(0))
         reserve = model_cost * models  # the calibration exports are narrower: each costs at most the dense one
+        measure_level(0, bounded=False)
         elapsed = time.perf_counter() - start
         planned = 0  # the ends of every axis are always measured; finer levels while the estimate fits
         for level in range(1, levels):
@@ -960,9 +965,8 @@ def _measure(net: "TwoPathNetwork", layers: _Layers, inputs: tuple, timer: Timer
             bar.set_description("latency: layer tables")
         reached = 0
         for level in range(1, planned + 1):
-            if time.perf_counter() - start + reserve > budget:
+            if not measure_level(level):
                 break  # measured more slowly than planned: keep the levels completed
-            measure_points(new_points(level))
             reached = level
         tables = {}
         for k, spec in enumerate(specs):

@@ -258,6 +258,27 @@ def test_budget_reduces_the_sampling(net):
     assert tiny.calls < narrow.calls < wide.calls
 
 
+def test_measuring_stops_when_the_real_time_runs_over_the_plan(net):
+    """Timer calls that turn slow after the corners (a machine that got busy): the build stops within the budget
+    and uses the levels it completed, not a partial one."""
+    import time
+
+    class SlowingTimer(FakeTimer):
+        def __call__(self, probe):
+            if self.calls >= 25:
+                time.sleep(0.005)
+            return super().__call__(probe) * 1e-4  # reports tiny costs: the plan is every width
+
+    timer = SlowingTimer()
+    start = time.perf_counter()
+    model = build(net, timer, budget_s=0.5)
+    assert time.perf_counter() - start < 0.5 + 0.4  # the last point, the calibration and the fit
+    assert model.metadata["grid"] != "every width" and model.metadata["grid_reduced"]
+    assert timer.calls < 643 - 100  # a full build makes 643 calls
+    ins, outs, seconds = model.table("conv1")
+    assert len(seconds) == len(ins) and all(len(r) == len(outs) for r in seconds)
+
+
 def test_settings_are_checked(net):
     with pytest.raises(ValueError, match="mode"):
         build(net, FakeTimer(), mode="backward")
