@@ -54,6 +54,9 @@ def group_norms(values, choices):
     return out
 
 
+#: The spec's plain mask step (no momentum, weight decay or task-gradient rescaling), for tests of other rules.
+PLAIN = {"mask_momentum": 0.0, "mask_nesterov": False, "mask_weight_decay": 0.0, "task_grad_scale": None}
+
 LAYOUTS = {
     "one-group": GateLayout((8,), (2,)),
     "sizes-1-3-4-5": GateLayout((4, 12, 8, 5), (4, 4, 2, 1)),
@@ -315,19 +318,26 @@ def test_momentum_state_round_trip_resumes_the_same_trajectory():
     assert old.lr == 0.25 and old.momentum_buffer is None
 
 
-@pytest.mark.parametrize("bad", [{"mask_momentum": 1.0}, {"mask_momentum": -0.1}, {"mask_nesterov": True},
-                                 {"mask_weight_decay": -1e-4}, {"mask_lr": -1.0}, {"task_grad_scale": -0.5},
-                                 {"task_grad_scale": float("inf")}, {"task_grad_scale": float("nan")},
-                                 {"flops_scope": "convs"}, {"max_balance_scale": 0.5}])
-def test_config_rejects_bad_mask_optimiser_settings(bad):
-    with pytest.raises(ValueError, match=next(iter(bad))):
-        S2HConfig(**{"mask_momentum": 0.0, **bad})
+@pytest.mark.parametrize("bad,field", [({"mask_momentum": 1.0}, "mask_momentum"),
+                                       ({"mask_momentum": -0.1}, "mask_momentum"),
+                                       ({"mask_momentum": 0.0, "mask_nesterov": True}, "mask_nesterov"),
+                                       ({"mask_weight_decay": -1e-4}, "mask_weight_decay"),
+                                       ({"mask_lr": -1.0}, "mask_lr"),
+                                       ({"task_grad_scale": -0.5}, "task_grad_scale"),
+                                       ({"task_grad_scale": float("inf")}, "task_grad_scale"),
+                                       ({"task_grad_scale": float("nan")}, "task_grad_scale"),
+                                       ({"flops_scope": "convs"}, "flops_scope"),
+                                       ({"max_balance_scale": 0.5}, "max_balance_scale")])
+def test_config_rejects_bad_mask_optimiser_settings(bad, field):
+    with pytest.raises(ValueError, match=field):
+        S2HConfig(**bad)
 
 
 def test_config_accepts_the_documented_ranges():
-    cfg = S2HConfig(mask_momentum=0.9, mask_nesterov=True, mask_weight_decay=1e-4, task_grad_scale=0.0,
-                    flops_scope="prunable", max_balance_scale=1.0)
-    assert S2HConfig.from_dict(cfg.to_dict()) == cfg
+    for cfg in (S2HConfig(), S2HConfig(**PLAIN),
+                S2HConfig(mask_momentum=0.5, mask_nesterov=False, mask_weight_decay=0.0, task_grad_scale=0.0,
+                          flops_scope="prunable", max_balance_scale=1.0)):
+        assert S2HConfig.from_dict(cfg.to_dict()) == cfg
 
 
 # ------------------------------------------------------------------------ lr following the weight schedule
@@ -369,7 +379,7 @@ def expected_after(call, pruner, mask_lr, lr_scale):
 def test_mask_lr_follows_the_weight_lr_schedule():
     torch.manual_seed(0)
     pruner = S2HPruner(Net(), torch.randn(1, 3, 6, 6), target_flops=0.4, granularity=2, mask_lr=2.0,
-                       tolerance=0.05, balance=0.7)
+                       tolerance=0.05, balance=0.7, **PLAIN)
     gen = torch.Generator().manual_seed(2)
     x, y = torch.randn(8, 3, 6, 6, generator=gen), torch.randint(0, 4, (8,), generator=gen)
     opt = torch.optim.SGD(pruner.weight_parameters(), lr=0.1)

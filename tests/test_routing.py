@@ -270,9 +270,11 @@ def test_decoupled_mask_only_backward_computes_no_weight_gradient(monkeypatch):
 def test_task_gradient_rescaling_acts_on_the_routed_terms(mode):
     """task_grad_scale c: one step moves u by -lr times the balanced (g_D, g_F), where in "decoupled" mode g_D =
     dG_s/du + c ||dG_s/du|| / ||dL/du|| dL/du per group, from the hand terms; the other modes route no separate
-    dG_s/du, so g_D is what reaches u, unscaled. (The balancing itself is checked in test_mask_optim.py.)"""
+    dG_s/du, so g_D is what reaches u, unscaled. (The balancing itself is checked in test_mask_optim.py, and so
+    are momentum and weight decay, off here so that the step is -lr times the balanced gradient.)"""
     c, lr = 0.5, 0.7
-    pruner = make_pruner(kd=mode, mask_lr=lr, task_grad_scale=c)
+    pruner = make_pruner(kd=mode, mask_lr=lr, task_grad_scale=c, mask_momentum=0.0, mask_nesterov=False,
+                         mask_weight_decay=0.0)
     x, y = batch()
     hand = hand_terms(pruner, x, y, 0.7, 1.0)
     u = pruner.mask_logits
