@@ -41,7 +41,6 @@ import json
 import math
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -56,7 +55,7 @@ if str(ROOT) not in sys.path:  # run as a script from a checkout without install
 
 import s2hk  # noqa: E402
 from s2hk.baselines import UniformL1Pruner, uniform_l1_plan  # noqa: E402
-from s2hk.benchmarking import machine_description  # noqa: E402
+from s2hk.benchmarking import git_commit, machine_description  # noqa: E402
 from s2hk.data import make_loaders  # noqa: E402
 from s2hk.flops import count_flops  # noqa: E402
 from s2hk.trainer import TrainConfig, Trainer  # noqa: E402
@@ -197,14 +196,6 @@ def summarize(runs: list[dict], methods: Sequence[str]) -> dict:
     return out
 
 
-def _git_commit() -> Optional[str]:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
 def machine_info() -> dict:
     info = machine_description()
     info["intra_op_threads"] = torch.get_num_threads()
@@ -313,7 +304,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     settings["warmup_epochs"] = warmup
     settings["dataset"] = DATASET
     data: dict[str, Any] = {
-        "settings": settings, "machine": machine_info(), "git_commit": _git_commit(),
+        "settings": settings, "machine": machine_info(), "git_commit": git_commit(ROOT),
         "started": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "finished": None,
         "dense_flops": dense_flops, "method_notes": method_notes(args), "runs": [], "summary": {},
     }

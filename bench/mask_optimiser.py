@@ -40,7 +40,7 @@ if str(ROOT) not in sys.path:  # run as a script from a checkout without install
     sys.path.insert(0, str(ROOT))
 
 import s2hk  # noqa: E402
-from s2hk.benchmarking import machine_description  # noqa: E402
+from s2hk.benchmarking import git_commit, machine_description  # noqa: E402
 from s2hk.data import make_loaders  # noqa: E402
 from s2hk.flops import count_flops  # noqa: E402
 from s2hk.trainer import TrainConfig, Trainer  # noqa: E402
@@ -165,16 +165,6 @@ def write(data: dict, out: Path) -> None:
     out.with_suffix(".md").write_text(markdown(data))
 
 
-def _git_commit() -> Optional[str]:
-    import subprocess
-
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
 def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 
@@ -197,7 +187,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     torch.set_num_threads(args.threads)
     machine = machine_description()
     machine["intra_op_threads"] = args.threads
-    data: dict[str, Any] = {"job": JOB, "max_drop": MAX_DROP, "machine": machine, "git_commit": _git_commit(),
+    data: dict[str, Any] = {"job": JOB, "max_drop": MAX_DROP, "machine": machine, "git_commit": git_commit(ROOT),
                             "started": _now(), "finished": None, "runs": []}
     if args.append and out.exists():  # the earlier runs, and when they started
         earlier = json.loads(out.read_text())

@@ -22,7 +22,7 @@ from torch import nn
 __all__ = ["time_once", "time_call", "time_interleaved", "time_interleaved_samples", "summary", "dense_step",
            "narrow_step", "input_grad_backward", "input_grad_backward_time", "s2hk_step", "PinnedModels",
            "pinned_models", "step_timings", "machine_description", "device_name", "versions", "utc_now",
-           "measure_bf16_peak", "peak_memory", "count_ops", "count_launches"]
+           "measure_bf16_peak", "peak_memory", "count_ops", "count_launches", "git_commit"]
 
 
 def _cpu_model() -> str:
@@ -35,6 +35,17 @@ def _cpu_model() -> str:
     except OSError:
         pass
     return cpu
+
+
+def git_commit(folder: str | os.PathLike) -> Optional[str]:
+    """The commit checked out in ``folder`` (benchmark results name the code they measured), or None."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=folder, capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
 def machine_description() -> dict:
