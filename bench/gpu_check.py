@@ -242,7 +242,14 @@ def test_command(info: dict, junit: Path, per_test: float, workers: Optional[int
     default = paths is None
     if default:
         paths = ["tests"] + (["bench"] if plugins.get("pytest_benchmark") else [])
-    cmd = [sys.executable, "-m", "pytest", *paths, "-q", "-rfE", "-p", "no:cacheprovider", f"--junitxml={junit}",
+    # test ids (and so the failure names recorded) are relative to the root dir: fix it rather than let pytest
+    # derive it from wherever the paths and the working directory happen to meet
+    full = [os.path.abspath(os.path.join(ROOT, p)) for p in paths]
+    inside = all(os.path.commonpath([str(ROOT), f]) == str(ROOT) for f in full)
+    rootdir = str(ROOT) if inside else os.path.commonpath([f if os.path.isdir(f) else os.path.dirname(f)
+                                                           for f in full])
+    cmd = [sys.executable, "-m", "pytest", *paths, "-q", "-rfE", "-p", "no:cacheprovider", f"--rootdir={rootdir}",
+           f"--junitxml={junit}",
            # stacks of a test hung in native code, which no alarm interrupts; later than the timeout itself,
            # since faulthandler reading the stack while the alarm unwinds it can crash the interpreter
            "-o", f"faulthandler_timeout={round(per_test) + 10}"]
